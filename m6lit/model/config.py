@@ -1,0 +1,186 @@
+"""M6Config: every size and switch of the model in one validated dataclass.
+
+The config is plain data (it round-trips through a dict for YAML and checkpoints) and its field names are the
+words the rest of m6lit uses. `validate()` fails with a `ValueError` that names the key and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+SHARING_LAYOUTS = ("cycle", "stack")
+ROUTERS = ("topk", "prototype")
+
+
+@dataclass
+class M6Config:
+    """Sizes, sharing, MoE and image settings of an M6 model.
+
+    Sharing: `num_layers` logical layers run on `num_unique_blocks` physical blocks (default: one per layer);
+    `sharing_layout` "cycle" maps layer i to block i mod K, "stack" to block i div (L/K).
+    MoE: `moe_layers` is "all", "none", an int n (every n-th layer: n-1, 2n-1, ...) or an explicit list of layers.
+    `router` "topk" is softmax over all experts then top-k (renormalised when `router_norm_topk`); "prototype" is
+    M6-T's k-top-1: the experts form `top_k` groups of `num_experts / top_k` and each token takes the top-1 of every
+    group, gated by that group's softmax probability. `capacity_factor` None means dropless.
+    """
+
+    vocab_size: int = 384
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    num_layers: int = 4
+    num_unique_blocks: Optional[int] = None
+    sharing_layout: Literal["cycle", "stack"] = "cycle"
+    moe_layers: Union[Literal["all", "none"], int, list[int]] = "none"
+    num_experts: int = 8
+    top_k: int = 2
+    router: Literal["topk", "prototype"] = "topk"
+    router_norm_topk: bool = True
+    expert_d_ff: Optional[int] = None
+    capacity_factor: Optional[float] = None
+    balance_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    image_size: int = 32
+    patch_size: int = 8
+    in_channels: int = 3
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_unique_blocks is None:
+            self.num_unique_blocks = self.num_layers
+        if isinstance(self.moe_layers, tuple):
+            self.moe_layers = list(self.moe_layers)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.expert_d_ff if self.expert_d_ff is not None else self.d_ff
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether logical layer `layer` uses an MoE FFN."""
+        spec = self.moe_layers
+        if spec == "all":
+            return True
+        if spec == "none":
+            return False
+        if isinstance(spec, int):
+            return layer % spec == spec - 1
+        return layer in spec
+
+    def layer_to_block(self) -> list[int]:
+        """Physical block used by each logical layer, per `sharing_layout`."""
+        from .sharing import layer_to_block
+
+        return layer_to_block(self.num_layers, int(self.num_unique_blocks), self.sharing_layout)
+
+    def block_is_moe(self) -> list[bool]:
+        """Whether each physical block is an MoE block (all layers using a block agree; `validate` checks it)."""
+        kinds: list[bool] = [False] * int(self.num_unique_blocks)
+        for layer, block in enumerate(self.layer_to_block()):
+            kinds[block] = self.is_moe_layer(layer)
+        return kinds
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "M6Config":
+        """Check every rule; raise ValueError naming the offending key. Returns self for chaining."""
+
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"M6Config.{key}={getattr(self, key)!r}: {rule}")
+
+        for key in ("vocab_size", "d_model", "n_heads", "d_ff", "num_layers", "num_experts", "top_k",
+                    "image_size", "patch_size", "in_channels", "max_seq_len"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+                 "must be a positive integer")
+        need(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads={self.n_heads}")
+        need(self.head_dim % 2 == 0, "n_heads", "d_model / n_heads must be even")
+        K = self.num_unique_blocks
+        need(isinstance(K, int) and 1 <= K <= self.num_layers, "num_unique_blocks",
+             f"must be an integer in [1, num_layers={self.num_layers}]")
+        need(self.sharing_layout in SHARING_LAYOUTS, "sharing_layout", f"must be one of {SHARING_LAYOUTS}")
+        if self.sharing_layout == "stack":
+            need(self.num_layers % K == 0, "num_unique_blocks",
+                 f"layout 'stack' needs num_layers={self.num_layers} divisible by num_unique_blocks")
+        spec = self.moe_layers
+        if isinstance(spec, str):
+            need(spec in ("all", "none"), "moe_layers", "must be 'all', 'none', an int n (every n-th layer) "
+                 "or a list of layer indices")
+        elif isinstance(spec, bool) or not isinstance(spec, (int, list)):
+            need(False, "moe_layers", "must be 'all', 'none', an int n or a list of layer indices")
+        elif isinstance(spec, int):
+            need(1 <= spec <= self.num_layers, "moe_layers", f"every-n must be in [1, num_layers={self.num_layers}]")
+        else:
+            need(all(isinstance(i, int) and 0 <= i < self.num_layers for i in spec) and len(set(spec)) == len(spec),
+                 "moe_layers", f"list entries must be distinct layer indices in [0, {self.num_layers})")
+        need(self.router in ROUTERS, "router", f"must be one of {ROUTERS}")
+        need(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
+        if self.router == "prototype":
+            need(self.num_experts % self.top_k == 0, "num_experts",
+                 f"router 'prototype' needs num_experts divisible by top_k={self.top_k} (k groups of experts)")
+        if self.expert_d_ff is not None:
+            need(isinstance(self.expert_d_ff, int) and self.expert_d_ff > 0, "expert_d_ff",
+                 "must be a positive integer or None (= d_ff)")
+        if self.capacity_factor is not None:
+            need(self.capacity_factor > 0, "capacity_factor", "must be > 0, or None for dropless routing")
+        need(self.balance_loss_coef >= 0, "balance_loss_coef", "must be >= 0")
+        need(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
+        need(self.image_size % self.patch_size == 0, "image_size",
+             f"must be divisible by patch_size={self.patch_size}")
+        need(self.max_seq_len > self.num_patches, "max_seq_len",
+             f"must exceed the {self.num_patches} image patches so text fits")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(self.norm_eps > 0, "norm_eps", "must be > 0")
+        need(self.init_std > 0, "init_std", "must be > 0")
+        need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a token id < vocab_size")
+        need(0 <= self.eos_token_id < self.vocab_size, "eos_token_id", "must be a token id < vocab_size")
+        kinds: dict[int, tuple[bool, int]] = {}
+        for layer, block in enumerate(self.layer_to_block()):
+            moe = self.is_moe_layer(layer)
+            if block in kinds and kinds[block][0] != moe:
+                other = kinds[block][1]
+                need(False, "moe_layers",
+                     f"layers {other} and {layer} share block {block} (sharing_layout={self.sharing_layout!r}, "
+                     f"num_unique_blocks={K}) but only one of them is MoE; a block is either dense or MoE — "
+                     f"choose a sharing that keeps MoE and dense layers on separate blocks (e.g. 'cycle' with an "
+                     f"even num_unique_blocks for moe_layers=2)")
+            kinds.setdefault(block, (moe, layer))
+        return self
+
+    # ------------------------------------------------------------------ dict round trip
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (lists and scalars only) for YAML and checkpoints."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["moe_layers"], tuple):
+            out["moe_layers"] = list(out["moe_layers"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "M6Config":
+        """Inverse of `to_dict`; unknown keys are an error naming them (never silently dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"M6Config: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "M6Config":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes).validate()
+

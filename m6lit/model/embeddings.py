@@ -1,0 +1,63 @@
+"""Input embeddings: image patches (strided-conv patchify + learned positions) and text tokens (+ positions),
+each tagged with a learned modality embedding so the shared transformer can tell them apart."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+IMAGE, TEXT = 0, 1
+
+
+class ImagePatchEmbed(nn.Module):
+    """Patchify pixels [B, C, H, W] into [B, P, D] with a strided conv and add learned patch positions.
+
+    `backbone`, if given, replaces the conv: any module mapping pixels to [B, D, H', W'] or [B, P, D] with P equal
+    to the configured number of patches (e.g. a pretrained CNN's feature map followed by a 1x1 projection).
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, d_model: int,
+                 backbone: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = backbone if backbone is not None else nn.Conv2d(
+            in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, self.num_patches, d_model))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                             f"[B, C, {self.image_size}, {self.image_size}] (config.image_size)")
+        feats = self.proj(pixel_values)
+        if feats.dim() == 4:
+            feats = feats.flatten(2).transpose(1, 2)
+        if feats.shape[1] != self.num_patches:
+            raise ValueError(f"image backbone produced {feats.shape[1]} patches; config expects {self.num_patches}")
+        return feats + self.pos
+
+
+class M6Embeddings(nn.Module):
+    """Token + text-position embeddings, patch embeddings, and a 2-way modality embedding."""
+
+    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, image_size: int, patch_size: int,
+                 in_channels: int, backbone: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        self.text_pos = nn.Embedding(max_seq_len, d_model)
+        self.modality = nn.Embedding(2, d_model)
+        self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone)
+        self.max_seq_len = max_seq_len
+
+    def text(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """[B, T] token ids at text positions `position_ids` → [B, T, D]."""
+        if int(input_ids.max()) >= self.tokens.num_embeddings or int(input_ids.min()) < 0:
+            raise ValueError(f"input_ids hold ids outside [0, vocab_size={self.tokens.num_embeddings}); "
+                             f"check that config.vocab_size matches the tokenizer")
+        return self.tokens(input_ids) + self.text_pos(position_ids) + self.modality.weight[TEXT]
+
+    def image(self, pixel_values: Tensor) -> Tensor:
+        """[B, C, H, W] → [B, P, D] patch embeddings."""
+        return self.patches(pixel_values.to(self.patches.pos.dtype)) + self.modality.weight[IMAGE]

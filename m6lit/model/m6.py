@@ -1,0 +1,264 @@
+"""M6Model: one transformer over image patches and text, with shared physical blocks and MoE FFNs.
+
+`blocks` holds the K physical blocks, `layer_to_block` says which one each of the L logical layers runs. The forward
+takes the batch dict of the data contract (input_ids, attention_mask, labels, prefix_len, pixel_values, image_mask)
+and returns logits over the text positions plus the MoE aux terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, prefix_lm_mask
+from .block import TransformerBlock
+from .config import M6Config
+from .embeddings import M6Embeddings
+from .moe import MoEAux, MoELayer, init_moe_
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class M6Output:
+    """Model outputs. `logits` cover the text positions only ([B, T, V]). `aux_loss` is the weighted sum
+    balance_loss_coef * balance_loss + z_loss_coef * z_loss (each averaged over MoE layers); zero without MoE."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    balance_loss: Tensor
+    z_loss: Tensor
+    moe_stats: dict[int, MoEAux] = field(default_factory=dict)
+    hidden: Optional[Tensor] = None
+    image_len: int = 0
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean cross-entropy in fp32; labels are aligned with the inputs (shifted here), -100 ignored.
+    Returns 0 (not NaN) when a batch has no target token."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (targets != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1)
+
+
+def token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(summed NLL, number of target tokens, number predicted correctly) with the same shift as `lm_loss`."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return nll, mask.sum(), correct
+
+
+class M6Model(nn.Module):
+    """Multimodal prefix-LM transformer with cross-layer sharing and MoE FFNs (pure PyTorch)."""
+
+    def __init__(self, config: M6Config, image_backbone: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = M6Embeddings(config.vocab_size, config.d_model, config.max_seq_len, config.image_size,
+                                  config.patch_size, config.in_channels, image_backbone)
+        kinds = config.block_is_moe()
+        self.blocks = nn.ModuleList(self.build_block(moe) for moe in kinds)
+        self.layer_to_block: list[int] = config.layer_to_block()
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.tokens.weight
+
+    # ------------------------------------------------------------------ construction
+    def build_block(self, moe: bool) -> TransformerBlock:
+        """A fresh (uninitialised) physical block of the configured shape."""
+        c = self.config
+        layer = None
+        if moe:
+            layer = MoELayer(c.d_model, c.expert_hidden, c.num_experts, c.top_k, router=c.router,
+                             capacity_factor=c.capacity_factor, norm_topk=c.router_norm_topk)
+        return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer)
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 L) (GPT-2)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, MoELayer):
+                init_moe_(module, std, out_std)
+            elif isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                is_out = name.endswith("attn.proj") or name.endswith("ffn.w_down")
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed.patches.pos, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False) -> M6Output:
+        """Run the batch contract: [image patches][prefix text][target text] → logits over text positions."""
+        if "input_ids" not in batch:
+            raise KeyError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
+        input_ids = batch["input_ids"]
+        b, t = input_ids.shape
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        prefix_len = batch.get("prefix_len")
+        if prefix_len is None:
+            prefix_len = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x, key_valid, p = self._embed(input_ids, positions, attention_mask.bool(), batch.get("pixel_values"),
+                                      batch.get("image_mask"))
+        hidden, stats = self._transformer(x, key_valid, p + prefix_len, 0, None)
+        return self._output(hidden, stats, p, return_hidden)
+
+    def _embed(self, input_ids: Tensor, positions: Tensor, attention_mask: Tensor, pixel_values: Optional[Tensor],
+               image_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
+        text = self.embed.text(input_ids, positions)
+        if pixel_values is None:
+            return text, attention_mask, 0
+        image = self.embed.image(pixel_values).to(text.dtype)
+        p = image.shape[1]
+        if image_mask is None:
+            image_valid = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        else:
+            image_valid = image_mask.bool().view(-1, 1).expand(-1, p)
+        return torch.cat([image, text], dim=1), torch.cat([image_valid, attention_mask], dim=1), p
+
+    def _check_length(self, total: int) -> None:
+        if total > self.config.max_seq_len:
+            raise ValueError(f"sequence of {total} positions (image patches + text) exceeds "
+                             f"config.max_seq_len={self.config.max_seq_len}")
+
+    def _transformer(self, x: Tensor, key_valid: Tensor, bidir_len: Tensor, q_start: int,
+                     cache: Optional[KVCache]) -> tuple[Tensor, dict[int, MoEAux]]:
+        self._check_length(q_start + x.shape[1] if cache is not None else x.shape[1])
+        mask = prefix_lm_mask(key_valid, bidir_len, q_start, x.shape[1])
+        token_mask = key_valid[:, q_start:q_start + x.shape[1]]
+        stats: dict[int, MoEAux] = {}
+        for layer, block_idx in enumerate(self.layer_to_block):
+            x, aux = self.blocks[block_idx](x, mask, token_mask, cache, layer)
+            if aux is not None:
+                stats[layer] = aux
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.norm(x), stats
+
+    def _output(self, hidden: Tensor, stats: dict[int, MoEAux], image_len: int, return_hidden: bool) -> M6Output:
+        logits = self.lm_head(hidden[:, image_len:])
+        if stats:
+            balance = torch.stack([s.balance_loss for s in stats.values()]).mean()
+            z = torch.stack([s.z_loss for s in stats.values()]).mean()
+        else:
+            balance = z = hidden.new_zeros((), dtype=torch.float32)
+        aux = self.config.balance_loss_coef * balance + self.config.z_loss_coef * z
+        return M6Output(logits=logits, aux_loss=aux, balance_loss=balance, z_loss=z, moe_stats=stats,
+                        hidden=hidden if return_hidden else None, image_len=image_len)
+
+    # ------------------------------------------------------------------ downstream uses
+    def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Pooled multimodal features [B, D] for retrieval/tagging: all text is bidirectional context and the
+        final hidden states are mean-pooled over valid image patches and text tokens."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x, key_valid, p = self._embed(input_ids, positions, attention_mask, batch.get("pixel_values"),
+                                      batch.get("image_mask"))
+        hidden, _ = self._transformer(x, key_valid, p + attention_mask.sum(1), 0, None)
+        weight = key_valid.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 prefix_len: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
+                 image_mask: Optional[Tensor] = None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
+                 pad_token_id: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continue right-padded prompts (image + prefix) with greedy or nucleus sampling; batched, KV-cached.
+
+        The prompt's first `prefix_len` tokens (default: all of it) are bidirectional context, as in training.
+        Returns new tokens [B, n] (n ≤ max_new_tokens); after a row's EOS it holds pad. Call `eval()` first to
+        disable dropout.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError(f"generate: temperature={temperature} must be > 0 and top_p={top_p} in (0, 1]")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        b, t = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        n_prompt = attention_mask.sum(1)
+        if bool((n_prompt == 0).any()):
+            raise ValueError("generate: every prompt needs at least one token (attention_mask row is empty)")
+        bidir = n_prompt if prefix_len is None else prefix_len
+        positions = torch.arange(t, device=device).expand(b, t)
+        prompt, key_valid, p = self._embed(input_ids, positions, attention_mask, pixel_values, image_mask)
+        self._check_length(p + int(n_prompt.max()) + max_new_tokens)
+        start = prompt.shape[1]
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config.num_layers, b, self.config.n_heads, start + max_new_tokens,
+                            self.config.head_dim, prompt.dtype, device)
+        hidden, _ = self._transformer(prompt, key_valid, p + bidir, 0, cache)
+        rows = torch.arange(b, device=device)
+        logits = self.lm_head(hidden[rows, p + n_prompt - 1])
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        generated: list[Tensor] = []
+        new_embeds: list[Tensor] = []
+        for step in range(max_new_tokens):
+            token = self._choose(logits, do_sample, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            generated.append(token)
+            finished = finished | (token == eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            embed = self.embed.text(token.view(b, 1), (n_prompt + step).view(b, 1))
+            key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+            if cache is not None:
+                hidden, _ = self._transformer(embed, key_valid, p + bidir, start + step, cache)
+            else:
+                new_embeds.append(embed)
+                hidden, _ = self._transformer(torch.cat([prompt, *new_embeds], dim=1), key_valid, p + bidir, 0,
+                                              None)
+            logits = self.lm_head(hidden[:, -1])
+        return torch.stack(generated, dim=1)
+
+    @staticmethod
+    def _choose(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: Optional[torch.Generator]) -> Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = (logits.float() / temperature).softmax(-1)
+        if top_p < 1.0:
+            sorted_probs, idx = probs.sort(-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, unique: bool = True) -> int:
+        """Stored parameters (`unique=True`, shared blocks counted once) or the compute-equivalent count of the
+        unshared network (`unique=False`, each logical layer counting its block)."""
+        total = sum(p.numel() for p in self.parameters())
+        if unique:
+            return total
+        per_block = [sum(p.numel() for p in blk.parameters()) for blk in self.blocks]
+        return total - sum(per_block) + sum(per_block[b] for b in self.layer_to_block)

@@ -1,0 +1,248 @@
+"""Mixture-of-Experts FFN: fp32 router, sort-based dispatch, grouped SwiGLU experts, aux losses.
+
+Dispatch (per layer, tokens flattened to [N, D]): the router picks k experts per token; the N*k token-slots are
+sorted by expert (stable argsort), the experts run as one grouped matmul over contiguous row ranges
+(`torch._grouped_mm` on CUDA bf16, an exact per-expert fallback elsewhere), and the outputs are un-permuted, scaled
+by their gates in fp32 and summed over the k slots. No Python loop over experts and no host synchronisation on the
+CUDA grouped path; the combine is a gather plus a sum, so it is deterministic.
+
+Aux losses are returned in `MoEAux`, never stored on the module or in globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports besides its output; all tensors stay on the compute device.
+
+    balance_loss: Switch-normalised load-balancing loss (1.0 = perfectly uniform routing, any k).
+    z_loss: router z-loss, mean over tokens of logsumexp(logits)^2.
+    expert_counts: [E] long, token-slots each expert computed (after capacity dropping; padding excluded).
+    dropped_fraction: share of routed token-slots dropped by capacity (0 when dropless).
+    router_entropy: mean entropy of the routing distribution (within-group for the prototype router).
+    """
+
+    balance_loss: Tensor
+    z_loss: Tensor
+    expert_counts: Tensor
+    dropped_fraction: Tensor
+    router_entropy: Tensor
+
+
+class Router(nn.Module):
+    """fp32 router: logits = x W^T + offset, then top-k ("topk") or k-top-1 ("prototype") selection.
+
+    `logit_offset` is a per-expert buffer (zero by default) that expert split/merge uses to keep the softmax mass of
+    cloned experts; it is saved with the model.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, kind: str = "topk",
+                 norm_topk: bool = True) -> None:
+        super().__init__()
+        if kind not in ("topk", "prototype"):
+            raise ValueError(f"Router kind={kind!r}: must be 'topk' or 'prototype'")
+        if kind == "prototype" and num_experts % top_k:
+            raise ValueError(f"Router num_experts={num_experts}: prototype routing needs it divisible by "
+                             f"top_k={top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.kind = kind
+        self.norm_topk = norm_topk
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.register_buffer("logit_offset", torch.zeros(num_experts))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """fp32 router logits [N, E] (a bf16 softmax merges near-ties and flips choices)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float()) + self.logit_offset.float()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return (logits [N,E], probs [N,E] or [N,k,E/k], expert ids [N,k], gates [N,k] fp32)."""
+        logits = self.logits(x)
+        if self.kind == "topk":
+            probs = logits.softmax(dim=-1)
+            gates, ids = probs.topk(self.top_k, dim=-1)
+            if self.norm_topk:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+            return logits, probs, ids, gates
+        group = self.num_experts // self.top_k
+        probs = logits.view(-1, self.top_k, group).softmax(dim=-1)
+        gates, local = probs.max(dim=-1)
+        ids = local + torch.arange(self.top_k, device=x.device).mul_(group)
+        return logits, probs, ids, gates
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as 3-D weights: w_gate, w_up [E, d_ff, D]; w_down [E, D, d_ff]."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w_up = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Apply expert e to its contiguous rows of `x` (rows sorted by expert; `counts[e]` rows each)."""
+        dtype = _compute_dtype(x)
+        if _can_group(x, self.w_gate, dtype):
+            return self._grouped(x, counts, dtype)
+        return self._looped(x, counts, dtype)
+
+    def _grouped(self, x: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        x = x.to(dtype)
+        gate = _grouped_mm(x, self.w_gate.to(dtype).transpose(-2, -1), offs=offs)
+        up = _grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)
+        return _grouped_mm(F.silu(gate) * up, self.w_down.to(dtype).transpose(-2, -1), offs=offs)
+
+    def _looped(self, x: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+        """Exact reference path for CPU / fp32: one matmul chain per expert's row range (syncs the counts)."""
+        x = x.to(dtype)
+        pieces = []
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            rows = x[start:start + n]
+            start += n
+            h = F.silu(rows @ self.w_gate[e].to(dtype).t()) * (rows @ self.w_up[e].to(dtype).t())
+            pieces.append(h @ self.w_down[e].to(dtype).t())
+        if not pieces:
+            return x.new_zeros(x.shape)
+        return torch.cat(pieces, dim=0)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _can_group(x: Tensor, weight: Tensor, dtype: torch.dtype) -> bool:
+    """grouped_mm needs CUDA, bf16, SM80+ and 16-byte aligned rows (dims multiple of 8)."""
+    if _grouped_mm is None or not x.is_cuda or dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
+    return weight.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0
+
+
+def expert_capacity(capacity_factor: float, num_tokens: Tensor, top_k: int, num_experts: int) -> Tensor:
+    """Slots per expert, ceil(cf * tokens * k / E): Switch's formula generalised to top-k (DeepSpeed)."""
+    return (num_tokens.float() * (capacity_factor * top_k / num_experts)).ceil().long()
+
+
+class MoELayer(nn.Module):
+    """Sparse SwiGLU FFN with top-k or k-top-1 (prototype) routing; forward(x [B,T,D]) -> (y, MoEAux).
+
+    Dropless by default; with `capacity_factor`, each expert keeps at most ceil(cf*N*k/E) token-slots, first
+    choices before second choices and earlier tokens first (GShard priority); a dropped slot contributes nothing
+    (the residual carries the token). Padding tokens (`token_mask` False) are computed but excluded from the
+    statistics, the aux losses and the capacity count.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "topk",
+                 capacity_factor: Optional[float] = None, norm_topk: bool = True) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoELayer top_k={top_k}: must be in [1, num_experts={num_experts}]")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"MoELayer capacity_factor={capacity_factor}: must be > 0 or None")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.router = Router(d_model, num_experts, top_k, router, norm_topk)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff)
+
+    @property
+    def router_kind(self) -> str:
+        return self.router.kind
+
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> tuple[Tensor, MoEAux]:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        n, k, num_experts = x2.shape[0], self.top_k, self.num_experts
+        valid = (torch.ones(n, device=x.device, dtype=torch.bool) if token_mask is None
+                 else token_mask.reshape(-1).to(torch.bool))
+        logits, probs, ids, gates = self.router(x2)
+
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        slot_valid = valid.repeat_interleave(k)
+        routed = torch.zeros(num_experts, device=x.device, dtype=torch.long)
+        routed.scatter_add_(0, flat, slot_valid.long())
+        keep = slot_valid
+        if self.capacity_factor is not None:
+            keep = slot_valid & (self._slot_positions(ids, valid) < expert_capacity(
+                self.capacity_factor, valid.sum(), k, num_experts))
+            gates = gates * keep.view(n, k)
+        counts_all = torch.zeros(num_experts, device=x.device, dtype=torch.long)
+        counts_all.scatter_add_(0, flat, torch.ones_like(flat))
+
+        rows = x2[order // k]
+        out_sorted = self.experts(rows, counts_all)
+        out = out_sorted.new_empty(out_sorted.shape).index_copy(0, order, out_sorted)
+        y = (out.view(n, k, -1).float() * gates.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+        kept_counts = torch.zeros(num_experts, device=x.device, dtype=torch.long)
+        kept_counts.scatter_add_(0, flat, keep.long())
+        aux = self._aux(logits, probs, ids, valid, routed, kept_counts)
+        return y.view(shape), aux
+
+    def _slot_positions(self, ids: Tensor, valid: Tensor) -> Tensor:
+        """Position of each (token, choice) slot in its expert's queue, in GShard priority (choice-major, then
+        token order); padding slots queue last. Returns [N*k] in token-major order."""
+        n, k = ids.shape
+        priority_ids = ids.t().reshape(-1)
+        slot_valid = valid.unsqueeze(0).expand(k, n).reshape(-1)
+        key = priority_ids + (~slot_valid).long() * self.num_experts
+        order = torch.argsort(key, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=ids.device)
+        per_key = torch.zeros(2 * self.num_experts, device=ids.device, dtype=torch.long)
+        per_key.scatter_add_(0, key, torch.ones_like(key))
+        starts = per_key.cumsum(0) - per_key
+        position = rank - starts[key]
+        return position.view(k, n).t().reshape(-1)
+
+    def _aux(self, logits: Tensor, probs: Tensor, ids: Tensor, valid: Tensor, routed: Tensor,
+             kept: Tensor) -> MoEAux:
+        weight = valid.float()
+        n_valid = weight.sum().clamp(min=1.0)
+        lse = torch.logsumexp(logits, dim=-1)
+        z_loss = (lse.square() * weight).sum() / n_valid
+        k = self.top_k
+        if self.router.kind == "topk":
+            assign = routed.float() / (n_valid * k)
+            mean_prob = (probs * weight.unsqueeze(-1)).sum(0) / n_valid
+            balance = self.num_experts * (assign * mean_prob).sum()
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+        else:
+            group = self.num_experts // k
+            assign = routed.float().view(k, group) / n_valid
+            mean_prob = (probs * weight.view(-1, 1, 1)).sum(0) / n_valid
+            balance = group * (assign * mean_prob).sum(-1).mean()
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean(-1)
+        entropy = (entropy * weight).sum() / n_valid
+        total = routed.sum().clamp(min=1)
+        dropped = 1.0 - kept.sum().float() / total.float()
+        return MoEAux(balance_loss=balance, z_loss=z_loss, expert_counts=kept, dropped_fraction=dropped,
+                      router_entropy=entropy)
+
+
+def init_moe_(layer: MoELayer, std: float, out_std: float) -> None:
+    """Initialise router and expert weights (normal; output projections with `out_std`)."""
+    nn.init.normal_(layer.router.weight, std=std)
+    nn.init.normal_(layer.experts.w_gate, std=std)
+    nn.init.normal_(layer.experts.w_up, std=std)
+    nn.init.normal_(layer.experts.w_down, std=out_std)
+
