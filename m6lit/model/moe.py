@@ -12,7 +12,7 @@ Aux losses are returned in `MoEAux`, never stored on the module or in globals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +63,9 @@ class Router(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 router logits [N, E] (a bf16 softmax merges near-ties and flips choices)."""
+        dtype = _accumulate_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float()) + self.logit_offset.float()
+            return F.linear(x.to(dtype), self.weight.to(dtype)) + self.logit_offset.to(dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (logits [N,E], probs [N,E] or [N,k,E/k], expert ids [N,k], gates [N,k] fp32)."""
@@ -92,33 +93,47 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Apply expert e to its contiguous rows of `x` (rows sorted by expert; `counts[e]` rows each)."""
+    def forward(self, x: Tensor, counts: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+        """Apply expert e to its contiguous rows of `x` (rows sorted by expert; `counts[e]` rows each).
+
+        `scale` [M] multiplies each row's hidden activation before the down projection (the routing gate):
+        W_down (g·h) = g·W_down h, applied where the tensor is smallest ([M, d_ff] rather than [M, D] in fp32).
+        """
         dtype = _compute_dtype(x)
         if _can_group(x, self.w_gate, dtype):
-            return self._grouped(x, counts, dtype)
-        return self._looped(x, counts, dtype)
+            return self._grouped(x, counts, dtype, scale)
+        return self._looped(x, counts, dtype, scale)
 
-    def _grouped(self, x: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+    def _grouped(self, x: Tensor, counts: Tensor, dtype: torch.dtype, scale: Optional[Tensor] = None) -> Tensor:
         offs = counts.cumsum(0).to(torch.int32)
         x = x.to(dtype)
         gate = _grouped_mm(x, self.w_gate.to(dtype).transpose(-2, -1), offs=offs)
         up = _grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)
-        return _grouped_mm(F.silu(gate) * up, self.w_down.to(dtype).transpose(-2, -1), offs=offs)
+        hidden = F.silu(gate) * up
+        if scale is not None:
+            hidden = hidden * scale.to(dtype).unsqueeze(-1)
+        return _grouped_mm(hidden, self.w_down.to(dtype).transpose(-2, -1), offs=offs)
 
-    def _looped(self, x: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+    def _looped(self, x: Tensor, counts: Tensor, dtype: torch.dtype, scale: Optional[Tensor] = None) -> Tensor:
         """Exact reference path for CPU / fp32: one matmul chain per expert's row range (syncs the counts)."""
         x = x.to(dtype)
         pieces = []
         start = 0
         for e, n in enumerate(counts.tolist()):
             rows = x[start:start + n]
-            start += n
             h = F.silu(rows @ self.w_gate[e].to(dtype).t()) * (rows @ self.w_up[e].to(dtype).t())
+            if scale is not None:
+                h = h * scale[start:start + n].to(dtype).unsqueeze(-1)
+            start += n
             pieces.append(h @ self.w_down[e].to(dtype).t())
         if not pieces:
             return x.new_zeros(x.shape)
         return torch.cat(pieces, dim=0)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision inputs, the input's own dtype for fp32/fp64 (so fp64 checks stay exact)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -176,26 +191,26 @@ class MoELayer(nn.Module):
         logits, probs, ids, gates = self.router(x2)
 
         flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        slot_valid = valid.repeat_interleave(k)
-        routed = torch.zeros(num_experts, device=x.device, dtype=torch.long)
-        routed.scatter_add_(0, flat, slot_valid.long())
+        sorted_ids, order = torch.sort(flat, stable=True)
+        bounds = torch.searchsorted(sorted_ids, torch.arange(num_experts + 1, device=x.device, dtype=flat.dtype))
+        counts = bounds[1:] - bounds[:-1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=x.device)
+        slot_valid = valid.unsqueeze(1).expand(n, k).reshape(-1)
         keep = slot_valid
         if self.capacity_factor is not None:
             keep = slot_valid & (self._slot_positions(ids, valid) < expert_capacity(
                 self.capacity_factor, valid.sum(), k, num_experts))
             gates = gates * keep.view(n, k)
-        counts_all = torch.zeros(num_experts, device=x.device, dtype=torch.long)
-        counts_all.scatter_add_(0, flat, torch.ones_like(flat))
 
-        rows = x2[order // k]
-        out_sorted = self.experts(rows, counts_all)
-        out = out_sorted.new_empty(out_sorted.shape).index_copy(0, order, out_sorted)
-        y = (out.view(n, k, -1).float() * gates.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        rows = _DispatchRows.apply(x2, order, inverse, k)
+        out_sorted = self.experts(rows, counts, gates.reshape(-1)[order])
+        y = out_sorted.index_select(0, inverse).view(n, k, -1).sum(dim=1, dtype=_accumulate_dtype(x.dtype))
+        y = y.to(x.dtype)
 
-        kept_counts = torch.zeros(num_experts, device=x.device, dtype=torch.long)
-        kept_counts.scatter_add_(0, flat, keep.long())
-        aux = self._aux(logits, probs, ids, valid, routed, kept_counts)
+        routed = _segment_sums(slot_valid[order], bounds)
+        kept = routed if keep is slot_valid else _segment_sums(keep[order], bounds)
+        aux = self._aux(logits, probs, valid, routed, kept)
         return y.view(shape), aux
 
     def _slot_positions(self, ids: Tensor, valid: Tensor) -> Tensor:
@@ -214,8 +229,7 @@ class MoELayer(nn.Module):
         position = rank - starts[key]
         return position.view(k, n).t().reshape(-1)
 
-    def _aux(self, logits: Tensor, probs: Tensor, ids: Tensor, valid: Tensor, routed: Tensor,
-             kept: Tensor) -> MoEAux:
+    def _aux(self, logits: Tensor, probs: Tensor, valid: Tensor, routed: Tensor, kept: Tensor) -> MoEAux:
         weight = valid.float()
         n_valid = weight.sum().clamp(min=1.0)
         lse = torch.logsumexp(logits, dim=-1)
@@ -237,6 +251,29 @@ class MoELayer(nn.Module):
         dropped = 1.0 - kept.sum().float() / total.float()
         return MoEAux(balance_loss=balance, z_loss=z_loss, expert_counts=kept, dropped_fraction=dropped,
                       router_entropy=entropy)
+
+
+class _DispatchRows(torch.autograd.Function):
+    """rows = x[order // k] (each token copied to its k expert slots, sorted by expert) with a deterministic
+    backward: gather the slot gradients back to token-major order and sum the k copies (no atomics)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        per_token = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1])
+        return per_token.sum(dim=1, dtype=_accumulate_dtype(grad.dtype)).to(grad.dtype), None, None, None
+
+
+def _segment_sums(flags_sorted: Tensor, bounds: Tensor) -> Tensor:
+    """Per-expert count of True flags, given flags in expert-sorted order and the experts' [E+1] row bounds."""
+    csum = F.pad(flags_sorted.long().cumsum(0), (1, 0))
+    return csum[bounds[1:]] - csum[bounds[:-1]]
 
 
 def init_moe_(layer: MoELayer, std: float, out_std: float) -> None:
