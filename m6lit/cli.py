@@ -1,0 +1,81 @@
+"""`m6lit` command line: LightningCLI over M6LitModule + ImageTextDataModule.
+
+    m6lit fit --config configs/demo.yaml
+    m6lit validate --config configs/demo.yaml --ckpt_path checkpoints/last.ckpt
+    m6lit fit --config configs/demo.yaml --print_config
+
+Defaults: W&B logging offline (sync later with `wandb sync`), a rich progress bar, `ModelCheckpoint` under the key
+`checkpoint` (keeps `last.ckpt`, so `--ckpt_path last` resumes), atomic checkpoint writes, and the config saved to
+the log directory (overwritten on a re-run) and to the W&B run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from jsonargparse import lazy_instance
+
+import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
+from m6lit.checkpoint_io import AtomicCheckpointIO
+from m6lit.data.datamodule import ImageTextDataModule
+from m6lit.module import M6LitModule
+
+
+class M6SaveConfig(SaveConfigCallback):
+    """Writes config.yaml to the log dir (overwriting a previous run's) and pushes it to the W&B run."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = self.parser.dump(self.config, skip_none=False, format="yaml")
+                import yaml
+
+                logger.experiment.config.update({"m6lit": yaml.safe_load(config)}, allow_val_change=True)
+
+
+def text_budget(max_seq_len: int, image_size: int, patch_size: int) -> int:
+    """Text tokens that fit beside the image patches in one sequence."""
+    return max_seq_len - (image_size // patch_size) ** 2
+
+
+class M6CLI(LightningCLI):
+    """LightningCLI with m6lit's defaults and argument links (vocab/pad/eos ids from the tokenizer, image size and
+    text budget from the model config)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", M6SaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("trainer_defaults", {
+            "logger": lazy_instance(WandbLogger, project="m6lit", save_dir="runs", offline=True),
+            "callbacks": [RichProgressBar()],
+        })
+        super().__init__(M6LitModule, ImageTextDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
+                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
+        parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
+        parser.link_arguments("model.config.image_size", "data.image_size")
+        parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
+                              "data.max_text_len", compute_fn=text_budget)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Console entry point (`m6lit` and `python -m m6lit`)."""
+    M6CLI(args=args)

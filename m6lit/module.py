@@ -1,0 +1,235 @@
+"""M6LitModule: the LightningModule around M6Model — loss, metrics, parameter groups, LR schedule, generation.
+
+It never decides device placement (the strategy does). Structural state (how many unique blocks, later expert
+counts) lives in the model config, an `__init__` hyperparameter, so a checkpoint rebuilds the right shape before its
+weights load; callbacks that change the structure update `hparams["config"]` in place.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from .model import M6Config, M6Model, delink, lm_loss, token_stats
+
+NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos")
+
+
+def build_param_groups(model: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
+    """Two AdamW groups in a canonical order: weights with decay, then norms/biases/embeddings without.
+
+    The same function builds the groups at `configure_optimizers` and after any structural change, so a rebuilt
+    optimizer has the same group order as a fresh one (checkpoints then load without remapping).
+    Each group carries `param_names` for readability and for state transplant.
+    """
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES) or name.endswith("bias") or "norm" in name:
+            no_decay.append((prefix + name, p))
+        else:
+            decay.append((prefix + name, p))
+    return [
+        {"params": [p for _, p in decay], "param_names": [n for n, _ in decay]},
+        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over `warmup_steps`, cosine decay to `min_lr_ratio` at the end."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class M6LitModule(LightningModule):
+    """Trains an M6Model on the batch contract with LM loss + weighted MoE aux losses.
+
+    Args:
+        config: the model config (a dict is accepted too, e.g. from a checkpoint).
+        optimizer: optimizer factory called with the parameter groups (default AdamW lr 3e-4, wd 0.1).
+        warmup_steps: linear LR warmup steps.
+        min_lr_ratio: final LR as a fraction of the peak (cosine decay over the run's total steps).
+        max_new_tokens: caption length for `predict_step`.
+        do_sample / temperature / top_p: decoding for `predict_step` (greedy by default).
+    """
+
+    def __init__(self, config: Optional[Union[M6Config, dict]] = None,
+                 optimizer: Optional[OptimizerCallable] = None, warmup_steps: int = 100,
+                 min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0) -> None:
+        super().__init__()
+        if config is None:
+            config = M6Config()
+        elif isinstance(config, dict):
+            config = M6Config.from_dict(config)
+        config.validate()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams["config"] = config.to_dict()
+        self.optimizer_factory: Callable[..., torch.optim.Optimizer] = optimizer or _default_optimizer
+        self.model = M6Model(config)
+        self.val_nll = MeanMetric()
+        self.val_acc = MeanMetric()
+        self.test_nll = MeanMetric()
+        self.test_acc = MeanMetric()
+        self._batch_start: Optional[float] = None
+        self.lr_multipliers: list[Callable[[int], float]] = []
+
+    @property
+    def config(self) -> M6Config:
+        return self.model.config
+
+    # ------------------------------------------------------------------ structure
+    def sync_structure_hparams(self) -> None:
+        """Copy the model's current structural state into hparams so the next checkpoint rebuilds this shape."""
+        self.hparams["config"] = self.model.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reshape the model to the checkpoint's structure before its weights load (e.g. a delinked model)."""
+        saved = checkpoint.get("hyper_parameters", {}).get("config", {})
+        want = saved.get("num_unique_blocks")
+        have = len(self.model.blocks)
+        if want is None or want == have:
+            return
+        if want < have:
+            raise ValueError(f"checkpoint has num_unique_blocks={want} but this model already has {have}; "
+                             f"a delinked model cannot be re-shared — build the module from the checkpoint's config")
+        delink(self.model, want)
+        self.sync_structure_hparams()
+        rank_zero_info(f"m6lit: rebuilt the model with {want} unique blocks to match the checkpoint")
+
+    # ------------------------------------------------------------------ optimisation
+    def build_param_groups(self) -> list[dict[str, Any]]:
+        return build_param_groups(self.model, prefix="model.")
+
+    def lr_factor(self, step: int) -> float:
+        """Scheduled LR multiplier at optimizer step `step` (warmup + cosine, times any registered multipliers)."""
+        total = self._total_steps()
+        factor = warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        for extra in self.lr_multipliers:
+            factor *= extra(step)
+        return factor
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return int(trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.build_param_groups())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: dict[str, Tensor]) -> Any:
+        return self.model(batch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(batch)
+        lm = lm_loss(out.logits, batch["labels"])
+        loss = lm + out.aux_loss
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss)}) at global step {self.global_step} (batch {batch_idx}); "
+                f"stopping — the last saved checkpoint is untouched")
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", lm, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", torch.exp(lm.detach()), batch_size=bs)
+        if out.moe_stats:
+            self.log("train/aux_loss", out.aux_loss, batch_size=bs)
+            self.log("train/balance_loss", out.balance_loss, batch_size=bs)
+            self.log("train/z_loss", out.z_loss, batch_size=bs)
+        if "num_skipped" in batch:
+            self.log("data/skipped_samples", batch["num_skipped"].float().sum(), reduce_fx="sum", batch_size=bs)
+        self._positions = int(batch["attention_mask"].sum()) + out.image_len * bs
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            elapsed = time.perf_counter() - self._batch_start
+            self.log("train/tokens_per_sec", self._positions / max(elapsed, 1e-9), batch_size=1)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=1)
+
+    def _eval_step(self, batch: dict[str, Tensor], nll_metric: MeanMetric, acc_metric: MeanMetric) -> None:
+        out = self.model(batch)
+        nll, count, correct = token_stats(out.logits, batch["labels"])
+        if int(count) > 0:
+            nll_metric.update(nll / count, weight=count)
+            acc_metric.update(correct.float() / count, weight=count)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_nll, self.val_acc)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_nll, self.test_acc)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_nll.reset()
+        self.val_acc.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_nll.reset()
+        self.test_acc.reset()
+
+    def _log_eval(self, stage: str, nll_metric: MeanMetric, acc_metric: MeanMetric) -> None:
+        if nll_metric.update_count == 0:
+            return
+        nll = nll_metric.compute()
+        self.log(f"{stage}/loss", nll, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", torch.exp(nll))
+        self.log(f"{stage}/token_acc", acc_metric.compute())
+        nll_metric.reset()
+        acc_metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_nll, self.val_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_nll, self.test_acc)
+
+    def generate(self, batch: dict[str, Tensor], **overrides: Any) -> Tensor:
+        """Generate continuations of the batch's prompts (image + prefix) with the module's decoding settings."""
+        hp = self.hparams
+        settings = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample, temperature=hp.temperature,
+                        top_p=hp.top_p)
+        settings.update(overrides)
+        return self.model.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                   prefix_len=batch.get("prefix_len"), pixel_values=batch.get("pixel_values"),
+                                   image_mask=batch.get("image_mask"), **settings)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        tokens = self.generate(batch)
+        result: dict[str, Any] = {"tokens": tokens}
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            result["captions"] = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return result
