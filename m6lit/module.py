@@ -131,6 +131,15 @@ class M6LitModule(LightningModule):
             factor *= extra(step)
         return factor
 
+    def refresh_lr(self) -> None:
+        """Re-apply the schedule to the optimizer groups now (after a multiplier was added mid-fit)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                           scheduler.lr_lambdas):
+                    group["lr"] = base * fn(scheduler.last_epoch)
+
     def _total_steps(self) -> int:
         trainer = self._trainer
         if trainer is None:

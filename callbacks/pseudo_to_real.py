@@ -1,0 +1,177 @@
+"""PseudoToReal: train a Pseudo Giant (layers sharing K physical blocks), then delink it mid-fit into the Real Giant.
+
+At an optimizer-step boundary (right after step N, before that step's checkpoint) the callback calls the pure
+`delink()` of the model package, rewrites the optimizer's groups in place with the new parameters (state carried
+per `optimizer_state`), tells the strategy, updates the module's structural hyperparameter, optionally re-warms the
+LR and changes gradient accumulation, and logs the event. The same logger, checkpoints and progress bar continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from m6lit.callbacks.structure import STATE_POLICIES, eval_loss, notify_strategy, rewrite_optimizer
+from m6lit.model import delink
+
+
+@dataclass
+class DelinkEvent:
+    """After optimizer step `step`, go to `num_unique_blocks` physical blocks."""
+
+    step: int
+    num_unique_blocks: int
+
+
+class Rewarmup:
+    """LR multiplier ramping linearly from 1/steps to 1 over `steps` optimizer steps after `start`."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start = start
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.start:
+            return 1.0
+        return min(1.0, (step - self.start + 1) / self.steps)
+
+
+class PseudoToReal(Callback):
+    """Delink shared layers at a step (or a progressive schedule) inside one fit.
+
+    Args:
+        delink_step: after this optimizer step, give every logical layer its own block.
+        schedule: instead of `delink_step`, a list of `{step, num_unique_blocks}` (e.g. 1 → 4 → L); steps strictly
+            increasing, each count a multiple of the previous one that divides num_layers.
+        optimizer_state: what each new copy's optimizer state starts from — "copy" (the shared state as is),
+            "rescale" (first moments / n, second moments / n², n = copies of the block), "reset" (fresh).
+        rewarmup_steps: after each delink, multiply the scheduled LR by a linear ramp over this many steps.
+        accumulate_grad_batches_after: gradient accumulation once the last delink is done (the pseudo phase can
+            run a larger effective batch; keep it a divisor of the pseudo phase's value so windows stay aligned).
+        log_loss: compute the loss of the current batch just before and after the delink (two extra forwards).
+    """
+
+    def __init__(self, delink_step: Optional[int] = None, schedule: Optional[list[DelinkEvent]] = None,
+                 optimizer_state: Literal["copy", "rescale", "reset"] = "copy", rewarmup_steps: int = 0,
+                 accumulate_grad_batches_after: Optional[int] = None, log_loss: bool = True) -> None:
+        if (delink_step is None) == (schedule is None):
+            raise ValueError("PseudoToReal: give exactly one of delink_step or schedule")
+        if optimizer_state not in STATE_POLICIES:
+            raise ValueError(f"PseudoToReal.optimizer_state={optimizer_state!r}: must be one of {STATE_POLICIES}")
+        if rewarmup_steps < 0:
+            raise ValueError(f"PseudoToReal.rewarmup_steps={rewarmup_steps}: must be >= 0")
+        if accumulate_grad_batches_after is not None and accumulate_grad_batches_after < 1:
+            raise ValueError(f"PseudoToReal.accumulate_grad_batches_after={accumulate_grad_batches_after}: must be "
+                             f">= 1")
+        events = []
+        if schedule is not None:
+            if not schedule:
+                raise ValueError("PseudoToReal.schedule is empty")
+            for i, entry in enumerate(schedule):
+                event = entry if isinstance(entry, DelinkEvent) else DelinkEvent(**dict(entry))
+                if event.step < 1:
+                    raise ValueError(f"PseudoToReal.schedule[{i}]: step={event.step} must be >= 1")
+                if events and event.step <= events[-1].step:
+                    raise ValueError(f"PseudoToReal.schedule[{i}]: step={event.step} must be greater than the "
+                                     f"previous entry's step={events[-1].step}")
+                if events and (event.num_unique_blocks <= events[-1].num_unique_blocks
+                               or event.num_unique_blocks % events[-1].num_unique_blocks):
+                    raise ValueError(f"PseudoToReal.schedule[{i}]: num_unique_blocks={event.num_unique_blocks} must be "
+                                     f"a larger multiple of the previous entry's {events[-1].num_unique_blocks}")
+                events.append(event)
+        elif delink_step is not None and delink_step < 1:
+            raise ValueError(f"PseudoToReal.delink_step={delink_step}: must be >= 1")
+        self.delink_step = delink_step
+        self.events: list[DelinkEvent] = events
+        self.optimizer_state = optimizer_state
+        self.rewarmup_steps = rewarmup_steps
+        self.accumulate_after = accumulate_grad_batches_after
+        self.log_loss = log_loss
+        self.done: list[list[int]] = []
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup and resume
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        config = pl_module.model.config
+        if self.delink_step is not None:
+            self.events = [DelinkEvent(self.delink_step, config.num_layers)]
+        for i, event in enumerate(self.events):
+            if config.num_layers % event.num_unique_blocks:
+                raise ValueError(f"PseudoToReal.schedule[{i}]: num_unique_blocks={event.num_unique_blocks} must "
+                                 f"divide num_layers={config.num_layers}")
+        last = self.events[-1].step
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= last:
+            rank_zero_warn(f"PseudoToReal: delink step {last} >= trainer.max_steps={trainer.max_steps}; the run "
+                           f"ends before the model becomes real")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        current = len(pl_module.model.blocks)
+        done_steps = {step for step, _ in self.done}
+        pending = [e for e in self.events if e.step not in done_steps]
+        if not self.done and trainer.ckpt_path is None and pending and current >= pending[0].num_unique_blocks:
+            raise ValueError(f"PseudoToReal: the model already has {current} unique blocks, so the first delink "
+                             f"(to {pending[0].num_unique_blocks}) has nothing to do — start from a shared model "
+                             f"(model.config.num_unique_blocks < num_layers)")
+        for event in pending:
+            if event.num_unique_blocks <= current:
+                self.done.append([event.step, event.num_unique_blocks])
+        for step, _ in self.done:
+            self._register_rewarmup(pl_module, step)
+        if self._all_done() and self.accumulate_after is not None:
+            trainer.accumulate_grad_batches = self.accumulate_after
+
+    def _all_done(self) -> bool:
+        return {s for s, _ in self.done} >= {e.step for e in self.events}
+
+    def _register_rewarmup(self, pl_module: LightningModule, step: int) -> None:
+        if self.rewarmup_steps > 0:
+            pl_module.lr_multipliers.append(Rewarmup(step, self.rewarmup_steps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": [list(x) for x in self.done]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = [list(x) for x in state_dict.get("done", [])]
+
+    # ------------------------------------------------------------------ the event
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        done_steps = {step for step, _ in self.done}
+        for event in self.events:
+            if event.step not in done_steps and trainer.global_step >= event.step:
+                self._delink(trainer, pl_module, event, batch)
+                done_steps.add(event.step)
+
+    def _delink(self, trainer: Trainer, pl_module: LightningModule, event: DelinkEvent, batch: Any) -> None:
+        model = pl_module.model
+        before_blocks = len(model.blocks)
+        params_before = model.num_parameters(unique=True)
+        loss_before = eval_loss(pl_module, batch) if self.log_loss else float("nan")
+        param_map = delink(model, event.num_unique_blocks)
+        pl_module.sync_structure_hparams()
+        for optimizer in trainer.optimizers:
+            rewrite_optimizer(optimizer, pl_module.build_param_groups(), param_map, self.optimizer_state)
+        notify_strategy(trainer, param_map)
+        self.done.append([event.step, event.num_unique_blocks])
+        self._register_rewarmup(pl_module, event.step)
+        if self.rewarmup_steps > 0:
+            pl_module.refresh_lr()
+        if self._all_done() and self.accumulate_after is not None:
+            trainer.accumulate_grad_batches = self.accumulate_after
+        loss_after = eval_loss(pl_module, batch) if self.log_loss else float("nan")
+        record = {"p2r/step": float(trainer.global_step), "p2r/num_unique_blocks": float(event.num_unique_blocks),
+                  "p2r/unique_params_before": float(params_before),
+                  "p2r/unique_params_after": float(model.num_parameters(unique=True)),
+                  "p2r/loss_before": loss_before, "p2r/loss_after": loss_after}
+        self.history.append(record)
+        for logger in trainer.loggers:
+            logger.log_metrics(record, step=trainer.global_step)
+        rank_zero_info(
+            f"PseudoToReal: delinked at step {trainer.global_step}: {before_blocks} → {event.num_unique_blocks} "
+            f"unique blocks, parameters {params_before:,} → {model.num_parameters(unique=True):,}, "
+            f"loss {loss_before:.6f} → {loss_after:.6f} (optimizer state: {self.optimizer_state})")
