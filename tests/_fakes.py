@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from m6lit.model import M6Config
 
@@ -47,5 +48,44 @@ def collate(rows: list[dict]) -> dict:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def loader(size: int = 64, batch_size: int = 4, seed: int = 0) -> DataLoader:
-    return DataLoader(ContractBatches(size, seed=seed), batch_size=batch_size, shuffle=False, collate_fn=collate)
+def loader(size: int = 64, batch_size: int = 4, seed: int = 0) -> StatefulDataLoader:
+    """Resumable loader (Lightning saves its position), so a mid-epoch resume continues with the next batch."""
+    return StatefulDataLoader(ContractBatches(size, seed=seed), batch_size=batch_size, shuffle=False,
+                              collate_fn=collate)
+
+
+class LossRecorder:
+    """Records (global_step, loss) after every training batch; optionally stops the run after step `stop`."""
+
+    def __new__(cls, *args, **kwargs):
+        import lightning as L
+
+        class _Recorder(L.Callback):
+            def __init__(self, stop: int | None = None) -> None:
+                self.rows: list[tuple[int, float]] = []
+                self.stop = stop
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                self.rows.append((trainer.global_step, float(outputs["loss"])))
+                if self.stop is not None and trainer.global_step >= self.stop:
+                    trainer.should_stop = True
+
+        return _Recorder(*args, **kwargs)
+
+
+def fit(module, max_steps: int, callbacks=(), ckpt_path=None, stop=None, dirpath=None, data_size: int = 64,
+        **trainer_kwargs):
+    """Deterministic CPU fit with a checkpoint after every step (when `dirpath`); returns (trainer, recorder)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    recorder = LossRecorder(stop)
+    cbs = [recorder, *callbacks]
+    if dirpath is not None:
+        cbs.append(ModelCheckpoint(dirpath=dirpath, every_n_train_steps=1, save_last=True, save_top_k=-1,
+                                   filename="{step}"))
+    trainer = L.Trainer(max_steps=max_steps, callbacks=cbs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=dirpath is not None, deterministic=True,
+                        accelerator="cpu", devices=1, **trainer_kwargs)
+    trainer.fit(module, loader(size=data_size), ckpt_path=ckpt_path)
+    return trainer, recorder
