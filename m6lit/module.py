@@ -188,6 +188,21 @@ class M6LitModule(LightningModule):
         if isinstance(optimizer, torch.optim.Optimizer):
             self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=1)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm and refuse to step on a non-finite one (the parameters, and so the last
+        checkpoint, stay good)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if not bool(torch.isfinite(norm)):
+            bad = next(name for name, p in self.named_parameters()
+                       if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+            raise FloatingPointError(
+                f"non-finite gradient (first in {bad}) at global step {self.global_step}; stopping before the "
+                f"optimizer step — the last saved checkpoint is untouched")
+        self.log("train/grad_norm", norm, batch_size=1)
+
     def _eval_step(self, batch: dict[str, Tensor], nll_metric: MeanMetric, acc_metric: MeanMetric) -> None:
         out = self.model(batch)
         nll, count, correct = token_stats(out.logits, batch["labels"])
