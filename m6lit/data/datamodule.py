@@ -9,13 +9,16 @@ and predict loaders are plain, unshuffled and deterministic.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -23,7 +26,7 @@ from .sources import SourceSpec, WebDatasetSource, build_source
 from .tasks import ExampleBuilder, MapStream, MixedDataset, TaskDataset, TaskMix, TaskStream, collate
 from .tokenizer import load_tokenizer
 
-__all__ = ["DEFAULT_SOURCES", "ImageTextDataModule"]
+__all__ = ["DEFAULT_SOURCES", "EpochShuffleSampler", "ImageTextDataModule", "LookaheadStatefulDataLoader"]
 
 Stage = Literal["train", "val", "test", "predict"]
 
@@ -46,6 +49,107 @@ def _as_specs(value: list[SourceSpec] | None, stage: str) -> list[SourceSpec]:
     if any(given) and not all(given):
         raise ValueError(f"{stage}: give every source a weight, or none (none = concatenation)")
     return out
+
+
+@contextmanager
+def _quiet_torchdata() -> Iterator[None]:
+    """Silence torchdata's "'set_vital' is deprecated" warning, raised for every loader it builds on new torch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        yield
+
+
+class EpochShuffleSampler(RandomSampler):
+    """Shuffling sampler whose order is a pure function of ``(seed, epoch)``, with a resumable position.
+
+    Like ``DistributedSampler``, the epoch changes only through ``set_epoch`` (Lightning calls it before every
+    epoch). Its state (epoch, indices handed out) lets ``StatefulDataLoader`` resume exactly, mid-epoch or at an
+    epoch boundary (a finished epoch resumes as the start of the next). It subclasses ``RandomSampler`` so that
+    Lightning sees a shuffled loader and swaps in a shuffled ``DistributedSampler`` under DDP.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+        self.yielded = 0
+        self._resume_at: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order from the next pass on."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._resume_at = self._resume_at or 0, None
+        generator = torch.Generator()
+        generator.manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        order = torch.randperm(len(self.data_source), generator=generator)[start:].tolist()
+        self.yielded = start
+        return self._run(order)
+
+    def _run(self, order: list[int]) -> Iterator[int]:
+        for index in order:
+            self.yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and number of indices handed out in it."""
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next pass continue ``state``'s epoch after its ``yielded`` indices (or start the next epoch)."""
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        if yielded >= len(self.data_source):
+            self.epoch, self._resume_at = epoch + 1, None
+        else:
+            self.epoch, self._resume_at = epoch, yielded
+
+
+class LookaheadStatefulDataLoader(StatefulDataLoader):
+    """``StatefulDataLoader`` whose ``state_dict`` trails the batches it produced by ``lookahead`` batches.
+
+    Lightning's fit loop fetches one batch ahead from a loader without a length (``_PrefetchDataFetcher``), so
+    when it saves a checkpoint the loader has produced one batch more than training consumed; saving the plain
+    state would skip that batch on resume. With ``lookahead=1`` the state is the one before the latest batch
+    (or the finished state once the pass is exhausted), i.e. the position after the consumed batches.
+    """
+
+    def __init__(self, *args: Any, lookahead: int = 0, **kwargs: Any) -> None:
+        with _quiet_torchdata():
+            super().__init__(*args, **kwargs)
+        if lookahead not in (0, 1):
+            raise ValueError(f"lookahead must be 0 or 1, got {lookahead}")
+        self.lookahead = lookahead
+        self._reported: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        if not self.lookahead:
+            return iterator
+        self._reported = None
+        return self._track(iterator)
+
+    def _track(self, iterator: Any) -> Iterator[Any]:
+        while True:
+            before = iterator.state_dict()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self._reported = iterator.state_dict()
+                return
+            self._reported = before
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the batches the consumer has used (see the class docstring)."""
+        if self.lookahead and self._reported is not None:
+            return self._reported
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` at the next ``iter()``."""
+        self._reported = None
+        super().load_state_dict(state_dict)
 
 
 @dataclass
@@ -211,10 +315,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
         }
         if split.iterable:
-            return StatefulDataLoader(split.dataset, **common)
-        generator = torch.Generator()
-        generator.manual_seed(self.seed)
-        return StatefulDataLoader(split.dataset, shuffle=True, generator=generator, **common)
+            lookahead = 1 if self.trainer is not None else 0
+            return LookaheadStatefulDataLoader(split.dataset, lookahead=lookahead, **common)
+        sampler = EpochShuffleSampler(split.dataset, seed=self.seed)
+        with _quiet_torchdata():
+            return StatefulDataLoader(split.dataset, sampler=sampler, **common)
 
     def _eval_loader(self, stage: Stage) -> DataLoader:
         return DataLoader(
