@@ -76,7 +76,8 @@ def _check_contract(batch: dict, dm: ImageTextDataModule, examples: list[dict | 
             assert "pixel_values" not in batch
         for row, e in enumerate(rows):
             assert int(prefix_len[row]) == len(e["prefix"])
-            assert ids[row, : len(e["prefix"]) + len(e["target"])].tolist() == e["prefix"].tolist() + e["target"].tolist()
+            expected = e["prefix"].tolist() + e["target"].tolist()
+            assert ids[row, : len(expected)].tolist() == expected
 
 
 def test_train_batches_satisfy_the_contract() -> None:
@@ -385,3 +386,31 @@ def test_epochs_reshuffle_and_resume_across_the_boundary(tmp_path: Path, kind: s
     assert all(_same(a, b) for a, b in zip(epoch1, resumed))
     fresh = loader()
     assert all(_same(a, b) for a, b in zip(epoch0, fresh))
+
+
+# ------------------------------------------------------------------------------------ images, import hygiene
+
+
+def test_image_to_tensor_resizes_shorter_side_and_center_crops() -> None:
+    from m6lit.data.tasks import image_to_tensor
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (20, 0, 40, 20))
+    tensor = image_to_tensor(wide, 16)
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor[:, :, 0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1).expand(3, 16))
+    assert torch.allclose(tensor[:, :, -1], torch.tensor([-1.0, -1.0, 1.0]).view(3, 1).expand(3, 16))
+    tall_grey = image_to_tensor(Image.new("L", (5, 9), 128), 16)
+    assert tall_grey.shape == (3, 16, 16) and tall_grey.abs().max() < 0.01
+
+
+def test_data_package_imports_without_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, m6lit.data, m6lit.data.sources, m6lit.data.tasks, m6lit.data.demo, m6lit.data.tokenizer\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'datasets')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

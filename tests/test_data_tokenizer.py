@@ -33,7 +33,9 @@ def test_default_is_byt5_offline_with_pad_and_eos() -> None:
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
 
 
-@pytest.mark.parametrize("text", ["a large red circle in the top left", "左上角有一个大的红色圆形", "mixed 中文 and English!"])
+@pytest.mark.parametrize(
+    "text", ["a large red circle in the top left", "左上角有一个大的红色圆形", "mixed 中文 & English!"]
+)
 def test_default_round_trips_english_and_chinese(text: str) -> None:
     tokenizer = load_tokenizer()
     ids = tokenizer.encode(text, add_special_tokens=False)

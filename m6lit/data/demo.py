@@ -135,15 +135,17 @@ def caption_scene(scene: DemoScene) -> str:
             "a {bg} background with {list}",
         ]
         return templates[scene.template % len(templates)].format(list=listing, bg=scene.background)
-    shape_words = [(SIZES[s.size][1], COLORS[s.color][1], SHAPES[s.kind], POSITIONS[s.cell][1]) for s in scene.shapes]
-    bg = BACKGROUNDS[scene.background][1]
+    words = [(POSITIONS[s.cell][1], SIZES[s.size][1], COLORS[s.color][1], SHAPES[s.kind]) for s in scene.shapes]
     if scene.template % 4 == 0:
-        return "，".join(f"{pos}有一个{size}的{color}{kind}" for size, color, kind, pos in shape_words) + "。"
-    if scene.template % 4 == 1:
-        return "，".join(f"一个{size}的{color}{kind}在{pos}" for size, color, kind, pos in shape_words) + "。"
-    if scene.template % 4 == 2:
-        return f"{bg}背景上，" + "，".join(f"{pos}是{size}的{color}{kind}" for size, color, kind, pos in shape_words) + "。"
-    return "图中" + "，".join(f"{pos}有一个{size}的{color}{kind}" for size, color, kind, pos in shape_words) + "。"
+        body, lead = "，".join(f"{pos}有一个{size}的{color}{kind}" for pos, size, color, kind in words), ""
+    elif scene.template % 4 == 1:
+        body, lead = "，".join(f"一个{size}的{color}{kind}在{pos}" for pos, size, color, kind in words), ""
+    elif scene.template % 4 == 2:
+        body = "，".join(f"{pos}是{size}的{color}{kind}" for pos, size, color, kind in words)
+        lead = f"{BACKGROUNDS[scene.background][1]}背景上，"
+    else:
+        body, lead = "，".join(f"{pos}有一个{size}的{color}{kind}" for pos, size, color, kind in words), "图中"
+    return f"{lead}{body}。"
 
 
 class DemoImageText(Dataset):
