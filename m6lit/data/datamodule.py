@@ -224,6 +224,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self._tokenizer = load_tokenizer(tokenizer)
+        # Building one example builder now reports a bad task mix, text budget or missing sentinels at once.
         self.builder("train")
         self._splits: dict[str, _Split] = {}
 
