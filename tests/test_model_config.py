@@ -1,0 +1,125 @@
+"""M6Config: validation errors name the key, dict round trip, derived values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from m6lit.model import M6Config, M6Model
+
+
+def _cfg(**overrides) -> M6Config:
+    base = dict(vocab_size=64, d_model=32, n_heads=4, d_ff=64, num_layers=4, num_experts=4, top_k=2,
+                image_size=16, patch_size=8, max_seq_len=48)
+    base.update(overrides)
+    return M6Config(**base)
+
+
+def test_defaults_and_tiny_config_validate() -> None:
+    assert M6Config().validate().num_unique_blocks == M6Config().num_layers
+    cfg = _cfg(moe_layers=2, num_unique_blocks=2)
+    assert cfg.validate() is cfg
+
+
+BAD = [
+    (dict(d_model=30, n_heads=4), "d_model", "divisible by n_heads"),
+    (dict(d_model=12, n_heads=4), "n_heads", "even"),
+    (dict(sharing_layout="stack", num_layers=6, num_unique_blocks=4), "num_unique_blocks", "divisible"),
+    (dict(router="prototype", num_experts=6, top_k=4), "num_experts", "divisible by top_k"),
+    (dict(top_k=9, num_experts=8), "top_k", "num_experts"),
+    (dict(image_size=30, patch_size=8), "image_size", "patch_size"),
+    (dict(capacity_factor=0.0), "capacity_factor", "> 0"),
+    (dict(capacity_factor=-1.25), "capacity_factor", "> 0"),
+    (dict(dropout=1.0), "dropout", "[0, 1)"),
+    (dict(dropout=-0.1), "dropout", "[0, 1)"),
+    (dict(moe_layers=[0], num_layers=2, num_unique_blocks=1), "moe_layers", "share block"),
+    (dict(moe_layers=2, num_layers=4, num_unique_blocks=1), "moe_layers", "share block"),
+    (dict(moe_layers=[1], sharing_layout="stack", num_layers=4, num_unique_blocks=2), "moe_layers", "share block"),
+    (dict(num_unique_blocks=5, num_layers=4), "num_unique_blocks", "num_layers"),
+    (dict(num_unique_blocks=0), "num_unique_blocks", "num_layers"),
+    (dict(sharing_layout="zigzag"), "sharing_layout", "cycle"),
+    (dict(router="expert_choice"), "router", "topk"),
+    (dict(moe_layers="some"), "moe_layers", "all"),
+    (dict(moe_layers=[0, 4]), "moe_layers", "distinct layer indices"),
+    (dict(moe_layers=[1, 1]), "moe_layers", "distinct"),
+    (dict(moe_layers=0), "moe_layers", "every-n"),
+    (dict(vocab_size=0), "vocab_size", "positive integer"),
+    (dict(d_ff=2.5), "d_ff", "positive integer"),
+    (dict(expert_d_ff=0), "expert_d_ff", "positive"),
+    (dict(max_seq_len=4), "max_seq_len", "image patches"),
+    (dict(balance_loss_coef=-1.0), "balance_loss_coef", ">= 0"),
+    (dict(z_loss_coef=-1e-3), "z_loss_coef", ">= 0"),
+    (dict(norm_eps=0.0), "norm_eps", "> 0"),
+    (dict(pad_token_id=64), "pad_token_id", "vocab_size"),
+    (dict(eos_token_id=-1), "eos_token_id", "vocab_size"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,rule", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_values_raise_value_error_naming_the_key(overrides, key, rule) -> None:
+    cfg = _cfg(**overrides)
+    with pytest.raises(ValueError) as err:
+        cfg.validate()
+    message = str(err.value)
+    assert f"M6Config.{key}=" in message
+    assert rule in message
+
+
+def test_model_construction_validates_the_config() -> None:
+    with pytest.raises(ValueError, match=r"M6Config\.d_model="):
+        M6Model(_cfg(d_model=30))
+
+
+def test_replace_validates_and_returns_a_copy() -> None:
+    cfg = _cfg()
+    other = cfg.replace(top_k=1)
+    assert other.top_k == 1 and cfg.top_k == 2
+    with pytest.raises(ValueError, match=r"M6Config\.top_k="):
+        cfg.replace(top_k=99)
+
+
+def test_from_dict_rejects_unknown_keys_by_name() -> None:
+    data = _cfg().to_dict()
+    data["num_expert"] = 8
+    data["zz_extra"] = 1
+    with pytest.raises(ValueError) as err:
+        M6Config.from_dict(data)
+    assert "num_expert" in str(err.value) and "zz_extra" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(moe_layers=[1, 3], num_unique_blocks=2, router="prototype", capacity_factor=1.25, expert_d_ff=48),
+    dict(moe_layers=(0, 1, 2, 3), sharing_layout="stack", num_unique_blocks=2, router_norm_topk=False),
+    dict(moe_layers="all", num_unique_blocks=1, tie_embeddings=False, dropout=0.1),
+])
+def test_to_dict_from_dict_round_trip_including_json(overrides) -> None:
+    cfg = _cfg(**overrides).validate()
+    data = cfg.to_dict()
+    assert isinstance(data, dict) and not isinstance(data["moe_layers"], tuple)
+    assert M6Config.from_dict(data) == cfg
+    again = M6Config.from_dict(json.loads(json.dumps(data)))
+    assert again == cfg and again.to_dict() == data
+    assert again.layer_to_block() == cfg.layer_to_block() and again.block_is_moe() == cfg.block_is_moe()
+
+
+def test_derived_values_and_moe_layer_specs() -> None:
+    cfg = _cfg(num_layers=6, expert_d_ff=None, d_ff=64)
+    assert cfg.head_dim == 8 and cfg.num_patches == 4 and cfg.expert_hidden == 64
+    assert _cfg(expert_d_ff=40).expert_hidden == 40
+    assert [cfg.replace(moe_layers=2).is_moe_layer(i) for i in range(6)] == [False, True] * 3
+    assert [cfg.replace(moe_layers=3).is_moe_layer(i) for i in range(6)] == [False, False, True] * 2
+    assert [cfg.replace(moe_layers="all").is_moe_layer(i) for i in range(6)] == [True] * 6
+    assert [cfg.replace(moe_layers="none").is_moe_layer(i) for i in range(6)] == [False] * 6
+    assert [cfg.replace(moe_layers=[0, 5]).is_moe_layer(i) for i in range(6)] == [True] + [False] * 4 + [True]
+
+
+def test_layouts_and_block_kinds() -> None:
+    cyc = _cfg(num_layers=6, num_unique_blocks=2, moe_layers=2)
+    assert cyc.layer_to_block() == [0, 1, 0, 1, 0, 1]
+    assert cyc.block_is_moe() == [False, True]
+    stk = _cfg(num_layers=6, num_unique_blocks=3, sharing_layout="stack", moe_layers=[2, 3])
+    assert stk.layer_to_block() == [0, 0, 1, 1, 2, 2]
+    assert stk.block_is_moe() == [False, True, False]
+    assert _cfg(num_layers=5, num_unique_blocks=3).validate().layer_to_block() == [0, 1, 2, 0, 1]
