@@ -273,3 +273,27 @@ def test_num_parameters_counts_shared_blocks_once_and_tied_head_once() -> None:
     untied = _model(tie_embeddings=False)
     assert untied.num_parameters() == model.num_parameters() + VOCAB * 32
     assert model.lm_head.weight is model.embed.tokens.weight
+
+
+def test_extra_right_padding_columns_do_not_change_generation() -> None:
+    model = _model()
+    prompts = _prompts(images=True)
+    wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 4), PAD)], dim=1),
+                attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 4, dtype=torch.bool)], dim=1))
+    for use_cache in (True, False):
+        a = model.generate(**prompts, max_new_tokens=6, eos_token_id=-1, use_cache=use_cache)
+        b = model.generate(**wide, max_new_tokens=6, eos_token_id=-1, use_cache=use_cache)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="generate checks max_seq_len against the longest prompt up front, but each step checks the "
+                          "padded width: extra right padding fails mid-generation")
+def test_generate_length_limit_does_not_depend_on_padding_width() -> None:
+    model = _model()
+    prompts = _prompts(images=True)  # longest prompt 5 tokens, 4 patches: 4 + 5 + 39 = 48 = max_seq_len
+    ok = model.generate(**prompts, max_new_tokens=39, eos_token_id=-1)
+    assert ok.shape == (3, 39)
+    wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 2), PAD)], dim=1),
+                attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 2, dtype=torch.bool)], dim=1))
+    assert torch.equal(model.generate(**wide, max_new_tokens=39, eos_token_id=-1), ok)
