@@ -131,8 +131,7 @@ def run_arm(name: str, args: argparse.Namespace, train: Dataset, val_batches: li
     lr = args.lr
 
     def optimizer(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
-                                 fused=torch.cuda.is_available())
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     module = M6LitModule(make_config(args, unique), optimizer=optimizer, warmup_steps=args.warmup,
                          min_lr_ratio=1.0)

@@ -3,6 +3,8 @@
     m6lit fit --config configs/demo.yaml
     m6lit validate --config configs/demo.yaml --ckpt_path checkpoints/last.ckpt
     m6lit fit --config configs/demo.yaml --print_config
+    m6lit export --ckpt_path checkpoints/last.ckpt --output_dir exported/
+    m6lit plan --config configs/m6-10t.yaml --gpu_memory_budget 80GB
 
 Defaults: W&B logging offline (sync later with `wandb sync`), a rich progress bar, `ModelCheckpoint` under the key
 `checkpoint` (keeps `last.ckpt`, so `--ckpt_path last` resumes), atomic checkpoint writes, and the config saved to
@@ -11,6 +13,8 @@ the log directory (overwritten on a re-run) and to the W&B run.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
@@ -76,6 +80,18 @@ class M6CLI(LightningCLI):
         return trainer
 
 
+# Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
+EXTRA_COMMANDS = {
+    "export": "m6lit.export:main",
+    "plan": "m6lit.strategies.planner:main",
+}
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point (`m6lit` and `python -m m6lit`)."""
+    """Console entry point (`m6lit` and `python -m m6lit`): Lightning subcommands plus `export` and `plan`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, function_name = EXTRA_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module_name), function_name)(argv[1:])
+        return
     M6CLI(args=args)

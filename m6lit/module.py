@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -63,7 +63,7 @@ class M6LitModule(LightningModule):
     """Trains an M6Model on the batch contract with LM loss + weighted MoE aux losses.
 
     Args:
-        config: the model config (a dict is accepted too, e.g. from a checkpoint).
+        config: the model config (a plain dict is accepted too, as stored in a checkpoint's hyperparameters).
         optimizer: optimizer factory called with the parameter groups (default AdamW lr 3e-4, wd 0.1).
         warmup_steps: linear LR warmup steps.
         min_lr_ratio: final LR as a fraction of the peak (cosine decay over the run's total steps).
@@ -71,15 +71,13 @@ class M6LitModule(LightningModule):
         do_sample / temperature / top_p: decoding for `predict_step` (greedy by default).
     """
 
-    def __init__(self, config: Optional[Union[M6Config, dict]] = None,
+    def __init__(self, config: M6Config = M6Config(),
                  optimizer: Optional[OptimizerCallable] = None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0) -> None:
         super().__init__()
-        if config is None:
-            config = M6Config()
-        elif isinstance(config, dict):
-            config = M6Config.from_dict(config)
+        # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
+        config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
         config.validate()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
@@ -94,6 +92,7 @@ class M6LitModule(LightningModule):
         self.test_nll = MeanMetric()
         self.test_acc = MeanMetric()
         self._batch_start: Optional[float] = None
+        self._total_steps_cache: Optional[int] = None
         self.lr_multipliers: list[Callable[[int], float]] = []
 
     @property
@@ -124,8 +123,14 @@ class M6LitModule(LightningModule):
         return build_param_groups(self.model, prefix="model.")
 
     def lr_factor(self, step: int) -> float:
-        """Scheduled LR multiplier at optimizer step `step` (warmup + cosine, times any registered multipliers)."""
-        total = self._total_steps()
+        """Scheduled LR multiplier at optimizer step `step` (warmup + cosine, times any registered multipliers).
+
+        The run's total step count is only looked up once the cosine phase needs it (never at step <= warmup), so
+        building the scheduler inside `configure_optimizers` does not touch the train loader — asking Lightning for
+        `estimated_stepping_batches` that early makes it rebuild the loader and lose a resumed loader position.
+        """
+        warmup = self.hparams.warmup_steps
+        total = self._total_steps() if step > warmup else warmup
         factor = warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         for extra in self.lr_multipliers:
             factor *= extra(step)
@@ -146,7 +151,9 @@ class M6LitModule(LightningModule):
             return 1
         if trainer.max_steps and trainer.max_steps > 0:
             return trainer.max_steps
-        return int(trainer.estimated_stepping_batches)
+        if self._total_steps_cache is None:
+            self._total_steps_cache = int(trainer.estimated_stepping_batches)
+        return self._total_steps_cache
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.build_param_groups())
@@ -160,7 +167,12 @@ class M6LitModule(LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
+        if "num_skipped" in batch:
+            self.log("data/skipped_samples", batch["num_skipped"].float().sum(), reduce_fx="sum", batch_size=1)
+        if batch["input_ids"].shape[0] == 0:
+            self._positions = 0
+            return None  # every sample of this batch was skipped as bad input (counted above): no step
         out = self.model(batch)
         lm = lm_loss(out.logits, batch["labels"])
         loss = lm + out.aux_loss
@@ -175,8 +187,6 @@ class M6LitModule(LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)
             self.log("train/balance_loss", out.balance_loss, batch_size=bs)
             self.log("train/z_loss", out.z_loss, batch_size=bs)
-        if "num_skipped" in batch:
-            self.log("data/skipped_samples", batch["num_skipped"].float().sum(), reduce_fx="sum", batch_size=bs)
         self._positions = int(batch["attention_mask"].sum()) + out.image_len * bs
         return loss
 

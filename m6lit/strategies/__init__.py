@@ -1,0 +1,1 @@
+"""Placement strategies: selective CPU offload of chosen layers, streamed just in time."""
