@@ -205,7 +205,7 @@ class MoELayer(nn.Module):
 
         rows = _DispatchRows.apply(x2, order, inverse, k)
         out_sorted = self.experts(rows, counts, gates.reshape(-1)[order])
-        y = out_sorted.index_select(0, inverse).view(n, k, -1).sum(dim=1, dtype=_accumulate_dtype(x.dtype))
+        y = _PermuteRows.apply(out_sorted, inverse, order).view(n, k, -1).sum(dim=1, dtype=_accumulate_dtype(x.dtype))
         y = y.to(x.dtype)
 
         routed = _segment_sums(slot_valid[order], bounds)
@@ -268,6 +268,21 @@ class _DispatchRows(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         per_token = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1])
         return per_token.sum(dim=1, dtype=_accumulate_dtype(grad.dtype)).to(grad.dtype), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = src[index] for a permutation `index`, whose backward is the gather by the inverse permutation
+    (autograd's default for index_select is an atomic index_add, slow in bf16 and non-deterministic)."""
+
+    @staticmethod
+    def forward(ctx: Any, src: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_index)
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse_index,) = ctx.saved_tensors
+        return grad.index_select(0, inverse_index), None, None
 
 
 def _segment_sums(flags_sorted: Tensor, bounds: Tensor) -> Tensor:
