@@ -4,7 +4,7 @@ For each (d_model, experts, top_k, expert d_ff) the dense FFN has hidden size k�
 18·T·D·k·F FLOPs per forward+backward. Also timed: a naive loop over experts with boolean-mask gathers (the
 common reference implementation). Prints a table and writes benchmarks/results/moe_layer.json.
 
-    python benchmarks/moe_layer.py [--tokens 16384] [--compile] [--out benchmarks/results/moe_layer.json]
+    python benchmarks/moe_layer.py [--tokens 16384] [--compile] [--profile] [--out benchmarks/results/moe_layer.json]
 """
 
 from __future__ import annotations
@@ -77,12 +77,32 @@ def bench(fn, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int = 3) 
     return statistics.median(times)
 
 
+def profile_top(fn, x: torch.Tensor, grad: torch.Tensor, top: int = 15) -> list[dict]:
+    """The `top` CUDA kernels by total device time over 5 forward+backward passes (ms per pass)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        out = fn(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            out = fn(x)
+            (out[0] if isinstance(out, tuple) else out).backward(grad)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "ms_per_pass": e.device_time_total / 5 / 1e3, "calls_per_pass": e.count / 5}
+            for e in events[:top]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--loop-iters", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd MoE and dense")
+    parser.add_argument("--profile", action="store_true", help="record the top CUDA kernels of MoE and dense")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -117,6 +137,12 @@ def main() -> None:
             row["dense_compiled_ms"] = bench(c_dense, x, grad, args.iters, warmup=5)
             row["moe_compiled_ms"] = bench(c_moe, x, grad, args.iters, warmup=5)
             row["compiled_ratio"] = row["moe_compiled_ms"] / row["dense_compiled_ms"]
+        if args.profile:
+            row["moe_profile"] = profile_top(moe, x, grad)
+            row["dense_profile"] = profile_top(dense, x, grad)
+            print(f"-- {name}: top MoE kernels (ms per fwd+bwd)")
+            for item in row["moe_profile"]:
+                print(f"  {item['ms_per_pass']:8.3f}  x{item['calls_per_pass']:<4.0f} {item['kernel']}")
         rows.append(row)
         print(f"done {name}: R={row['ratio']:.2f}", flush=True)
         del moe, dense, x, grad
