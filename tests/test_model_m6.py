@@ -286,9 +286,6 @@ def test_extra_right_padding_columns_do_not_change_generation() -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="generate checks max_seq_len against the longest prompt up front, but each step checks the "
-                          "padded width: extra right padding fails mid-generation")
 def test_generate_length_limit_does_not_depend_on_padding_width() -> None:
     model = _model()
     prompts = _prompts(images=True)  # longest prompt 5 tokens, 4 patches: 4 + 5 + 39 = 48 = max_seq_len
@@ -297,3 +294,5 @@ def test_generate_length_limit_does_not_depend_on_padding_width() -> None:
     wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 2), PAD)], dim=1),
                 attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 2, dtype=torch.bool)], dim=1))
     assert torch.equal(model.generate(**wide, max_new_tokens=39, eos_token_id=-1), ok)
+    with pytest.raises(ValueError, match="4 image patches \\+ 5 prompt positions \\+ max_new_tokens=40"):
+        model.generate(**wide, max_new_tokens=40, eos_token_id=-1)

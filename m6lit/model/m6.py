@@ -207,10 +207,17 @@ class M6Model(nn.Module):
         n_prompt = attention_mask.sum(1)
         if bool((n_prompt == 0).any()):
             raise ValueError("generate: every prompt needs at least one token (attention_mask row is empty)")
+        # new tokens go after the padded width, so drop trailing columns that are padding in every row: the length
+        # limit then depends on the prompts, not on how wide the batch happened to be padded
+        t = int(attention_mask.any(0).nonzero().max()) + 1
+        input_ids, attention_mask = input_ids[:, :t], attention_mask[:, :t]
         bidir = n_prompt if prefix_len is None else prefix_len
         positions = torch.arange(t, device=device).expand(b, t)
         prompt, key_valid, p = self._embed(input_ids, positions, attention_mask, pixel_values, image_mask)
-        self._check_length(p + int(n_prompt.max()) + max_new_tokens)
+        if p + t + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"generate: {p} image patches + {t} prompt positions + max_new_tokens={max_new_tokens} "
+                             f"= {p + t + max_new_tokens} exceeds config.max_seq_len={self.config.max_seq_len}; "
+                             f"shorten the prompt or max_new_tokens")
         start = prompt.shape[1]
         cache = None
         if use_cache:
