@@ -1,0 +1,238 @@
+"""Hugging Face wrappers: `M6HFConfig` and `M6ForConditionalGeneration` around the pure-PyTorch `M6Model`.
+
+This file and its siblings ship as remote code with every export, so it imports only torch, transformers and the
+sibling model files (relative imports). The config carries every `M6Config` field flat in `config.json`; the model's
+state dict is `M6Model`'s under the prefix `model.`, so a pseudo (shared) model stores each physical block once and
+reloads with the same sharing.
+
+Generation runs through transformers' own `generate` (greedy, sampling, beam search) with a `DynamicCache`: one
+cache entry per logical layer, the image patches held at the front of the cache after the first step. Prompts must
+be left-padded (as for any decoder-only model in transformers); m6lit's own `M6Model.generate` takes right padding.
+By default the whole prompt is bidirectional context, as in m6lit's `generate`; pass `prefix_len` to change that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers import initialization as hf_init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .config import M6Config
+from .m6 import M6Model, lm_loss
+
+# transformers reads generation settings (top_k, temperature, ...) from a model config and refuses to save a config
+# that holds them, so an M6 field with such a name is stored under another key: MoE top-k under the name
+# transformers' MoE models use, any other clash with an "m6_" prefix
+_GENERATION_KEYS = set(GenerationConfig._get_default_generation_params())
+_RENAMED = {"top_k": "num_experts_per_tok"}
+CONFIG_KEYS: dict[str, str] = {
+    f.name: _RENAMED.get(f.name, f"m6_{f.name}" if f.name in _GENERATION_KEYS else f.name)
+    for f in dataclasses.fields(M6Config)
+}
+
+
+class M6HFConfig(PreTrainedConfig):
+    """Transformers config of an M6 model: every `M6Config` field as a top-level attribute (validated on creation;
+    `top_k` is stored as `num_experts_per_tok`, see `CONFIG_KEYS`), plus the standard aliases (`hidden_size`,
+    `num_hidden_layers`, ...) that transformers' utilities look for."""
+
+    model_type = "m6"
+    attribute_map: ClassVar[dict[str, str]] = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "n_heads",
+        "intermediate_size": "d_ff",
+        "max_position_embeddings": "max_seq_len",
+        "tie_word_embeddings": "tie_embeddings",
+    }
+
+    def __init__(self, use_cache: bool = True, **kwargs: Any) -> None:
+        m6 = M6Config.from_dict({name: kwargs.pop(key) for name, key in CONFIG_KEYS.items() if key in kwargs})
+        for name, value in m6.validate().to_dict().items():
+            setattr(self, CONFIG_KEYS[name], value)
+        self.use_cache = use_cache
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_m6_config(cls, config: M6Config, **kwargs: Any) -> M6HFConfig:
+        """The transformers config of an `M6Config`."""
+        return cls(**{CONFIG_KEYS[name]: value for name, value in config.to_dict().items()}, **kwargs)
+
+    def to_m6_config(self) -> M6Config:
+        """The `M6Config` this config describes (a fresh, validated copy)."""
+        return M6Config.from_dict({name: getattr(self, key) for name, key in CONFIG_KEYS.items()}).validate()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Every M6 field is written to config.json, defaults included, so an export never depends on the defaults
+        of the code that reads it."""
+        out = super().to_diff_dict()
+        out.update({CONFIG_KEYS[name]: value for name, value in self.to_m6_config().to_dict().items()})
+        return out
+
+
+class _CacheView:
+    """M6's cache interface (`update(layer, k, v)`, `advance`) over a transformers `Cache` (indexed by logical layer,
+    so layers that share a block keep separate keys and values)."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(k, v, layer)
+
+    def advance(self, steps: int) -> None:
+        """The transformers cache tracks its own length."""
+
+
+def text_positions(attention_mask: Tensor) -> Tensor:
+    """Text position of every column: the count of valid tokens before it (so left padding, and generated tokens
+    appended after right padding, get the positions m6lit gives them); padding columns keep their column index."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask, attention_mask.long().cumsum(1) - 1, columns)
+
+
+class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """`M6Model` as a transformers causal LM over image patches and text (loss, logits over text positions, KV cache).
+
+    Batches follow m6lit's contract: `input_ids`/`attention_mask` [B, T], optional `pixel_values` [B, C, H, W],
+    `prefix_len` [B] (text tokens that are bidirectional context; default 0 in `forward`, the whole prompt in
+    `generate`) and `image_mask` [B]. `labels` are aligned with `input_ids` (shifted inside, -100 ignored); the loss
+    is the LM loss plus the weighted MoE aux loss, as in m6lit training.
+    """
+
+    config_class = M6HFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = ["TransformerBlock"]
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"model.lm_head.weight": "model.embed.tokens.weight"}
+
+    def __init__(self, config: M6HFConfig) -> None:
+        super().__init__(config)
+        self.model = M6Model(config.to_m6_config())
+        self.post_init()
+
+    @classmethod
+    def from_m6(cls, model: M6Model, **config_kwargs: Any) -> M6ForConditionalGeneration:
+        """Wrap an existing `M6Model` (its parameters, not copies) without allocating or initialising new weights."""
+        config = M6HFConfig.from_m6_config(model.config, **config_kwargs)
+        with torch.device("meta"):
+            wrapper = cls(config)
+        wrapper.model = model
+        return wrapper
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """M6's own initialisation; transformers marks the parameters it loaded, and the guard leaves those alone so
+        only weights missing from a checkpoint are initialised."""
+        with hf_init.guard_torch_init_functions():
+            self.model.init_weights()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed.tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, prefix_len: Tensor | None = None,
+                image_mask: Tensor | None = None, labels: Tensor | None = None, cache: Cache | None = None,
+                past_key_values: Cache | None = None, use_cache: bool | None = None,
+                return_dict: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        """Logits over the text positions of `input_ids`; with a non-empty `cache`, `input_ids` are the new tokens
+        and `attention_mask` covers the whole text so far (`past_key_values` is the older name of `cache`)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and labels is None
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+        m6 = self.model
+        b, n = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            text_past = past - getattr(cache, "m6_image_len", 0) if past else 0
+            attention_mask = torch.ones(b, text_past + n, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        text_past = attention_mask.shape[1] - n
+        positions = text_positions(attention_mask)[:, text_past:]
+        first_valid = attention_mask.long().argmax(1)
+        bidir = first_valid + (prefix_len if prefix_len is not None else 0)
+        view = _CacheView(cache) if cache is not None else None
+        if past == 0:
+            if text_past:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} columns but input_ids has {n} and "
+                                 f"the cache is empty")
+            x, key_valid, p = m6._embed(input_ids, positions, attention_mask, pixel_values, image_mask)
+            hidden, stats = m6._transformer(x, key_valid, p + bidir, 0, view)
+            if cache is not None:
+                cache.m6_image_len = p
+            logits_from = p
+        else:
+            p = getattr(cache, "m6_image_len", None)
+            if p is None or past != p + text_past:
+                raise ValueError(f"the cache holds {past} positions, which does not match {text_past} earlier text "
+                                 f"columns of attention_mask plus the image; pass the cache this model returned and "
+                                 f"the attention mask of the whole text so far")
+            image_valid = torch.ones(b, p, dtype=torch.bool, device=input_ids.device)
+            if image_mask is not None:
+                image_valid = image_mask.bool().view(-1, 1).expand(-1, p)
+            key_valid = torch.cat([image_valid, attention_mask], dim=1)
+            x = m6.embed.text(input_ids, positions)
+            hidden, stats = m6._transformer(x, key_valid, p + bidir, past, view)
+            logits_from = 0
+        out = m6._output(hidden, stats, logits_from, False)
+        loss = None
+        if labels is not None:
+            loss = lm_loss(out.logits, labels) + out.aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
+
+    def generate(self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs: Any) -> Any:
+        """transformers' `generate` with m6lit's defaults: the whole (left-padded) prompt is bidirectional context
+        unless `prefix_len` says otherwise, and a right-padded batch or a too-long request fails up front."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if input_ids is not None:
+            b, t = input_ids.shape
+            if mask is not None and bool((mask[:, -1] == 0).any()):
+                raise ValueError("generate: attention_mask has padding in its last column (right padding); pad "
+                                 "prompts on the left for transformers' generate (tokenizer.padding_side='left')")
+            if kwargs.get("prefix_len") is None:
+                kwargs["prefix_len"] = (mask.long().sum(1) if mask is not None
+                                        else torch.full((b,), t, dtype=torch.long, device=input_ids.device))
+            config = generation_config if generation_config is not None else self.generation_config
+            max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            if max_new is not None:
+                p = self.model.embed.patches.num_patches if kwargs.get("pixel_values") is not None else 0
+                if p + t + max_new > self.config.max_seq_len:
+                    raise ValueError(f"generate: {p} image patches + {t} prompt positions + max_new_tokens={max_new} "
+                                     f"exceeds max_seq_len={self.config.max_seq_len}")
+        return super().generate(inputs, generation_config, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Make "m6" known to `AutoConfig` and `AutoModelForCausalLM` in this process (no remote code needed)."""
+    AutoConfig.register(M6HFConfig.model_type, M6HFConfig, exist_ok=True)
+    AutoModelForCausalLM.register(M6HFConfig, M6ForConditionalGeneration, exist_ok=True)
+
+
+# `save_pretrained` then copies this file and its sibling imports next to the weights and writes `auto_map`, so the
+# export loads with `trust_remote_code=True` wherever transformers and torch are installed
+M6HFConfig.register_for_auto_class()
+M6ForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["CONFIG_KEYS", "M6ForConditionalGeneration", "M6HFConfig", "register_auto_classes", "text_positions"]
