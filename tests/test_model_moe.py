@@ -181,8 +181,6 @@ def test_capacity_token_order_within_a_choice_and_dropped_rows_are_zero() -> Non
     assert float(x.grad[:4].abs().sum()) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="expert_capacity rounds ceil(cf*N*k/E) in float32: 1.5*25*2/5 = 15 exactly "
-                                       "but float32 gives 15.000001 and the capacity becomes 16")
 def test_expert_capacity_is_the_exact_ceiling_for_non_dyadic_factors() -> None:
     for cf, n, k, e in [(1.5, 25, 2, 5), (1.2, 25, 1, 2)]:
         want = math.ceil(round(cf * n * k / e, 9))

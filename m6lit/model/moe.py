@@ -12,6 +12,7 @@ Aux losses are returned in `MoEAux`, never stored on the module or in globals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 import torch
@@ -152,8 +153,15 @@ def _can_group(x: Tensor, weight: Tensor, dtype: torch.dtype) -> bool:
 
 
 def expert_capacity(capacity_factor: float, num_tokens: Tensor, top_k: int, num_experts: int) -> Tensor:
-    """Slots per expert, ceil(cf * tokens * k / E): Switch's formula generalised to top-k (DeepSpeed)."""
-    return (num_tokens.float() * (capacity_factor * top_k / num_experts)).ceil().long()
+    """Slots per expert, ceil(cf * tokens * k / E): Switch's formula generalised to top-k (DeepSpeed).
+
+    Computed in integers with cf as the nearest fraction p/q (q <= 10^6), so 1.5 * 25 * 2 / 5 is exactly 15 (a float
+    product gives 15.000001 and a capacity of 16). Stays on the tokens' device (no host sync).
+    """
+    ratio = max(Fraction(capacity_factor).limit_denominator(10**6), Fraction(1, 10**6))
+    numerator = num_tokens.long() * (top_k * ratio.numerator)
+    denominator = num_experts * ratio.denominator
+    return torch.div(numerator + (denominator - 1), denominator, rounding_mode="floor")
 
 
 class MoELayer(nn.Module):
