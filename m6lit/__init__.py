@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .model.hf import register_auto_classes as _register_auto_classes  # noqa: E402
+from .model.hf import register_auto_classes as _register_auto_classes
 
 _register_auto_classes()  # AutoConfig / AutoModelForCausalLM know model_type "m6" once m6lit is imported

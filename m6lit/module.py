@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 
 NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos")
@@ -69,12 +70,15 @@ class M6LitModule(LightningModule):
         min_lr_ratio: final LR as a fraction of the peak (cosine decay over the run's total steps).
         max_new_tokens: caption length for `predict_step`.
         do_sample / temperature / top_p: decoding for `predict_step` (greedy by default).
+        init_from: a folder written by `m6lit export` to start from (fine-tuning); its config must match `config`
+            (a larger `num_unique_blocks` that refines its sharing is allowed). Not saved in checkpoints: they hold
+            the weights themselves.
     """
 
     def __init__(self, config: M6Config = M6Config(),
                  optimizer: Optional[OptimizerCallable] = None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None) -> None:
         super().__init__()
         # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
         config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -83,10 +87,12 @@ class M6LitModule(LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "init_from"])
         self.hparams["config"] = config.to_dict()
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] = optimizer or _default_optimizer
         self.model = M6Model(config)
+        if init_from is not None:
+            load_exported_weights(self.model, init_from)
         self.val_nll = MeanMetric()
         self.val_acc = MeanMetric()
         self.test_nll = MeanMetric()

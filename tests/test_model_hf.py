@@ -19,9 +19,9 @@ VOCAB, PAD, EOS = 64, 0, 1
 
 
 def _config(**overrides) -> M6Config:
-    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, num_layers=4, num_unique_blocks=2,
-                moe_layers=2, num_experts=4, top_k=2, image_size=16, patch_size=8, max_seq_len=48,
-                pad_token_id=PAD, eos_token_id=EOS, init_std=0.1)
+    base = {"vocab_size": VOCAB, "d_model": 32, "n_heads": 4, "d_ff": 64, "num_layers": 4, "num_unique_blocks": 2,
+            "moe_layers": 2, "num_experts": 4, "top_k": 2, "image_size": 16, "patch_size": 8, "max_seq_len": 48,
+            "pad_token_id": PAD, "eos_token_id": EOS, "init_std": 0.1}
     base.update(overrides)
     return M6Config(**base)
 
@@ -187,7 +187,7 @@ def test_generate_without_padding_and_with_eos(saved: tuple[M6Model, Path],
 
 def test_beam_search_and_sampling_agree_with_and_without_cache(loaded: M6ForConditionalGeneration) -> None:
     left = _left_padded(_prompts())
-    kwargs = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
+    kwargs = {"max_new_tokens": 6, "eos_token_id": None, "pad_token_id": PAD}
     beams = loaded.generate(**left, num_beams=3, **kwargs)
     assert torch.equal(beams, loaded.generate(**left, num_beams=3, use_cache=False, **kwargs))
     torch.manual_seed(5)
