@@ -1,6 +1,7 @@
 """m6lit callbacks (installed as `m6lit.callbacks`): they orchestrate pure model functions during training."""
 
 from m6lit.callbacks.pseudo_to_real import DelinkEvent, PseudoToReal
+from m6lit.callbacks.predictions import CaptionWriter
 from m6lit.callbacks.samples import CaptionSamples
 
-__all__ = ["CaptionSamples", "DelinkEvent", "PseudoToReal"]
+__all__ = ["CaptionSamples", "CaptionWriter", "DelinkEvent", "PseudoToReal"]

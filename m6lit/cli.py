@@ -6,7 +6,8 @@
     m6lit export --ckpt_path checkpoints/last.ckpt --output_dir exported/
     m6lit plan --config configs/m6-10t.yaml --gpu_memory_budget 80GB
 
-Defaults: W&B logging offline (sync later with `wandb sync`), a rich progress bar, `ModelCheckpoint` under the key
+Defaults: W&B logging offline (sync later with `wandb sync`), a rich progress bar, `predict` writing captions to
+`predictions.jsonl` (`CaptionWriter`), `ModelCheckpoint` under the key
 `checkpoint` (keeps `last.ckpt`, so `--ckpt_path last` resumes), atomic checkpoint writes, and the config saved to
 the log directory (overwritten on a re-run) and to the W&B run.
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -25,6 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
+from m6lit.callbacks.predictions import CaptionWriter
 from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.module import M6LitModule
@@ -58,7 +62,7 @@ class M6CLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", {
             "logger": lazy_instance(WandbLogger, project="m6lit", save_dir="runs", offline=True),
-            "callbacks": [RichProgressBar()],
+            "callbacks": [RichProgressBar(), CaptionWriter()],
         })
         super().__init__(M6LitModule, ImageTextDataModule, *args, **kwargs)
 
@@ -72,6 +76,23 @@ class M6CLI(LightningCLI):
         parser.link_arguments("model.config.image_size", "data.image_size")
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's architecture (`model.config`) from a `--ckpt_path` checkpoint, nothing else.
+
+        Lightning would apply every saved hyperparameter over the command line, so e.g. `--model.max_new_tokens`
+        would be silently ignored at `predict`; the weights only need the architecture to match.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        if "config" in hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": {"config": hparams["config"]}}},
+                                                   self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -3,6 +3,7 @@ exactly, validates its checkpoints, and every shipped YAML parses."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) ->
     assert ckpt["global_step"] == 10 and ckpt["hyper_parameters"]["config"]["num_unique_blocks"] == 4
 
 
-def test_validate_accepts_pseudo_and_delinked_checkpoints(tmp_path: Path) -> None:
+def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Path) -> None:
     tiny = ["--model.config.d_model", "64", "--model.config.d_ff", "128", "--model.config.expert_d_ff", "64",
             "--data.batch_size", "8", "--data.val", '[{"kind": "demo", "num_samples": 16, "seed": 1}]']
     run_cli("fit", "--config", str(DEMO), "--config",
@@ -115,6 +116,11 @@ def test_validate_accepts_pseudo_and_delinked_checkpoints(tmp_path: Path) -> Non
         run = run_cli("validate", "--config", str(DEMO), *tiny, "--ckpt_path", str(ckpt), runs=f"runs_{name}")
         (loss,) = [row["val/loss"] for row in read_history(run) if "val/loss" in row]
         assert 0 < loss < 10
+    run_cli("predict", "--config", str(DEMO), *tiny, "--model.max_new_tokens", "6", "--ckpt_path", str(real),
+            runs="runs_predict")
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and sorted(line["index"] for line in lines) == list(range(8))
+    assert all(line["reference"] and len(line["caption"].encode()) <= 6 for line in lines)
 
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
 
+from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.data.demo import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, DemoImageText
+from m6lit.data.sources import SourceSpec
+from m6lit.data.tasks import TaskMix
+from m6lit.model import M6Config, token_stats
+from m6lit.module import M6LitModule
 
 
 def _pixels(sample: dict) -> np.ndarray:
@@ -97,3 +104,35 @@ def test_text_only_fraction() -> None:
     text_only = [data[i] for i in range(200) if data[i]["image"] is None]
     assert 30 < len(text_only) < 90
     assert all(s["text"] for s in text_only)
+
+
+def test_the_captions_need_the_image() -> None:
+    """A model trained on the demo reads the image: its caption loss on the validation scenes rises clearly when
+    the images are blanked or swapped between samples. (A model that ignored the pixels would score the same.)"""
+    seed_everything(0)
+    scenes = dict(language="en", max_shapes=1)
+    data = ImageTextDataModule(train=[SourceSpec(kind="demo", num_samples=100_000, seed=0, **scenes)],
+                               val=[SourceSpec(kind="demo", num_samples=64, seed=1, **scenes)],
+                               batch_size=16, image_size=48, max_text_len=176,
+                               task_mix=TaskMix(caption=1.0, denoise=0.0, lm=0.0))
+    # 48-pixel images in 16-pixel patches: one patch per cell of the demo's 3x3 scene grid
+    config = M6Config(vocab_size=384, d_model=64, n_heads=4, d_ff=192, num_layers=2, image_size=48, patch_size=16,
+                      max_seq_len=192)
+    module = M6LitModule(config, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), warmup_steps=10)
+    trainer = Trainer(max_steps=600, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+
+    module.eval()
+    totals = {"real": [0.0, 0], "blank": [0.0, 0], "swapped": [0.0, 0]}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            pixels = batch["pixel_values"]
+            for kind, shown in (("real", pixels), ("blank", torch.zeros_like(pixels)),
+                                ("swapped", pixels.roll(1, dims=0))):
+                nll, count, _ = token_stats(module.model({**batch, "pixel_values": shown}).logits, batch["labels"])
+                totals[kind][0] += float(nll)
+                totals[kind][1] += int(count)
+    loss = {kind: total / count for kind, (total, count) in totals.items()}
+    assert loss["blank"] > 1.1 * loss["real"], loss  # measured: 0.206 vs 0.170 nats/byte
+    assert loss["swapped"] > 1.1 * loss["real"], loss  # measured: 0.210

@@ -153,7 +153,8 @@ class DemoImageText(Dataset):
 
     Items are ``{"image": PIL.Image | None, "text": str, "origin": str}``. ``text_only_fraction`` of the items
     (chosen per index) come without an image; their text is still a scene description, which gives the text
-    objectives (denoising, language modelling) in-domain text.
+    objectives (denoising, language modelling) in-domain text. Each scene has 1 to ``max_shapes`` shapes (fewer
+    shapes: shorter captions that a small model learns to ground sooner).
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class DemoImageText(Dataset):
         image_size: int = 32,
         language: Language = "both",
         text_only_fraction: float = 0.0,
+        max_shapes: int = 3,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -172,6 +174,9 @@ class DemoImageText(Dataset):
             raise ValueError(f"language must be 'en', 'zh' or 'both', got {language!r}")
         if not 0.0 <= text_only_fraction <= 1.0:
             raise ValueError(f"text_only_fraction must be in [0, 1], got {text_only_fraction}")
+        if not 1 <= max_shapes <= 9:
+            raise ValueError(f"max_shapes must be in [1, 9] (one shape per cell of the 3x3 grid), got {max_shapes}")
+        self.max_shapes = max_shapes
         self.num_samples = num_samples
         self.seed = seed
         self.image_size = image_size
@@ -186,7 +191,7 @@ class DemoImageText(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"demo index {index} out of range [0, {self.num_samples})")
         rng = random.Random(f"m6lit-demo:{self.seed}:{index}")
-        cells = rng.sample(range(9), rng.randint(1, 3))
+        cells = rng.sample(range(9), rng.randint(1, self.max_shapes))
         shapes = tuple(
             DemoShape(
                 kind=rng.choice(list(SHAPES)),

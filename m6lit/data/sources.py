@@ -414,6 +414,7 @@ class SourceSpec:
         weight: share of this source when several are mixed (all set, or all unset = concatenation).
         language: demo only: caption language (``both`` picks per sample).
         text_only_fraction: demo only: fraction of samples without an image.
+        max_shapes: demo only: at most this many shapes per scene (1–9).
         builder: hf only: ``datasets.load_dataset`` builder (``json``, ``parquet``…); unset = ``load_from_disk``.
         split: hf only: split to read.
         image_column: hf: image column (null = text-only); webdataset/jsonl use the ``image`` key / image members.
@@ -428,6 +429,7 @@ class SourceSpec:
     weight: float | None = None
     language: Literal["en", "zh", "both"] = "both"
     text_only_fraction: float = 0.0
+    max_shapes: int = 3
     builder: str | None = None
     split: str = "train"
     image_column: str | None = "image"
@@ -450,6 +452,7 @@ def build_source(
             image_size=image_size,
             language=spec.language,
             text_only_fraction=spec.text_only_fraction,
+            max_shapes=spec.max_shapes,
         )
     if spec.path is None:
         raise ValueError(f"a {spec.kind!r} source needs a path")

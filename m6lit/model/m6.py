@@ -89,7 +89,8 @@ class M6Model(nn.Module):
         return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer)
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 L) (GPT-2)."""
+        """Normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 L) (GPT-2), patch
+        positions at the scale of the patch projection's output."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
@@ -100,7 +101,11 @@ class M6Model(nn.Module):
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embed.patches.pos, std=std)
+        # patch positions start at the scale of the patch projection's output for unit-variance pixels
+        # (std * sqrt(fan-in)): at the 0.02 scale of text embeddings they are drowned by the patch content after
+        # RMSNorm, and the network learns *what* is in the image long before it learns *where*
+        patch_fan_in = self.config.in_channels * self.config.patch_size ** 2
+        nn.init.normal_(self.embed.patches.pos, std=std * math.sqrt(patch_fan_in))
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False) -> M6Output:
