@@ -244,7 +244,7 @@ text prefix are bidirectional context and the rest of the text is generated left
 
 ## Training
 
-- optimizer steps: {step if step is not None else "not recorded"}; Lightning epoch counter: {record.get("epoch")}
+- optimizer steps: {step if step is not None else "not recorded"} (epoch {record.get("epoch")})
 - pseudo-to-real delink: {delink_text}
 - Lightning {record.get("lightning_version") or "version not recorded"}
 
@@ -370,10 +370,10 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output_dir: str | os.Pa
         raise ExportError(str(err)) from err
     tok = export_tokenizer(tok, model.config, repr(tokenizer_path) if tokenizer_path else "ByT5")
     hparams = ckpt["hyper_parameters"]
-    generation = GenerationConfig(
-        max_new_tokens=int(hparams.get("max_new_tokens", 32)), do_sample=bool(hparams.get("do_sample", False)),
-        temperature=float(hparams.get("temperature", 1.0)), top_p=float(hparams.get("top_p", 1.0)),
-        pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    sampling = {"do_sample": True, "temperature": float(hparams.get("temperature", 1.0)),
+                "top_p": float(hparams.get("top_p", 1.0)), "top_k": 0} if hparams.get("do_sample") else {}
+    generation = GenerationConfig(max_new_tokens=int(hparams.get("max_new_tokens", 32)), **sampling,
+                                  pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
     out = Path(output_dir).resolve()
     card = model_card(model, training_record(ckpt), push_to_hub or out.name, data, license_id)
     out = write_export(model, out, tok, card, generation, max_shard_size, overwrite)

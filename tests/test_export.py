@@ -26,7 +26,7 @@ from m6lit.export import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from m6lit.model import lm_loss
+from m6lit.model import M6Model, lm_loss
 from m6lit.module import M6LitModule
 
 BYTE_VOCAB = 384  # the ByT5 tokenizer's size, so the exported tokenizer fits the model
@@ -219,6 +219,15 @@ def test_sharded_export_reloads_the_same_model(run: dict[str, Path], tmp_path: P
         assert torch.equal(module.model(batch).logits, reference(batch).logits)
 
 
+def test_run_config_puts_the_data_in_the_card(run: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {}\ndata:\n  train:\n  - {kind: jsonl, path: data/train.jsonl}\n  tokenizer: null\n")
+    folder = export_checkpoint(run["pseudo_ckpt"], tmp_path / "with_data", run_config=config)
+    card = (folder / "README.md").read_text()
+    assert '- train: `{"kind": "jsonl", "path": "data/train.jsonl"}`' in card and "ByT5" in card
+    assert "does not record the training data" in (run["pseudo"] / "README.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ init_from
 def test_init_from_starts_training_from_the_exported_weights(run: dict[str, Path]) -> None:
     config = load_checkpoint(run["real_ckpt"])["hyper_parameters"]["config"]
@@ -271,6 +280,12 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(run: dict[str, Path], tm
     torch.save({"state_dict": {}, "hyper_parameters": {}}, not_m6)
     with pytest.raises(ExportError, match=r"no hyper_parameters\['config'\]"):
         export_checkpoint(not_m6, out)
+    small = tmp_path / "small_vocab.ckpt"
+    model = M6Model(tiny_config())
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"config": model.config.to_dict()}}, small)
+    with pytest.raises(ExportError, match="has 384 tokens but the model's vocab_size is 64"):
+        export_checkpoint(small, out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
