@@ -27,7 +27,8 @@ SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 def transplant_state(old_states: list[dict[str, Any]], link: Any, policy: StatePolicy) -> dict[str, Any]:
     """State for one new parameter from its sources' states.
 
-    Tensors shaped like the source parameter go through the link's transform (clone, slice, average …);
+    Tensors shaped like the source parameter go through the link's `state_transform` (or, when it has none, its
+    `transform`: clone, slice, average …);
     `rescale` then divides first moments by n and second moments by n² (n = the link's fan_out: a shared block's
     gradient was the sum of n copies' gradients). Scalars such as Adam's `step` are cloned (keeping dtype/device).
     """
@@ -35,10 +36,11 @@ def transplant_state(old_states: list[dict[str, Any]], link: Any, policy: StateP
         return {}
     n = float(link.fan_out)
     shape = tuple(link.sources[0].shape)
+    move = link.state_transform or link.transform
     new: dict[str, Any] = {}
     for key, value in old_states[0].items():
         if isinstance(value, Tensor) and tuple(value.shape) == shape and value.dim() > 0:
-            moved = link.transform([s[key] for s in old_states])
+            moved = move([s[key] for s in old_states])
             if policy == "rescale" and n != 1.0:
                 moved = moved / (n * n if key in SECOND_MOMENT_KEYS else n)
             new[key] = moved

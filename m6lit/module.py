@@ -111,18 +111,26 @@ class M6LitModule(LightningModule):
         self.hparams["config"] = self.model.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Reshape the model to the checkpoint's structure before its weights load (e.g. a delinked model)."""
+        """Reshape the model to the checkpoint's structure before its weights load: its number of unique blocks
+        (a delinked model), then each MoE block's expert shape (experts split, segmented or merged)."""
+        from .model.experts import match_expert_shapes
+
         saved = checkpoint.get("hyper_parameters", {}).get("config", {})
+        if not saved:
+            return
         want = saved.get("num_unique_blocks")
         have = len(self.model.blocks)
-        if want is None or want == have:
-            return
-        if want < have:
-            raise ValueError(f"checkpoint has num_unique_blocks={want} but this model already has {have}; "
-                             f"a delinked model cannot be re-shared — build the module from the checkpoint's config")
-        delink(self.model, want)
+        if want is not None and want != have:
+            if want < have:
+                raise ValueError(f"checkpoint has num_unique_blocks={want} but this model already has {have}; a "
+                                 f"delinked model cannot be re-shared — build the module from the checkpoint's "
+                                 f"config")
+            delink(self.model, want)
+            rank_zero_info(f"m6lit: rebuilt the model with {want} unique blocks to match the checkpoint")
+        rebuilt = match_expert_shapes(self.model, saved.get("expert_overrides"))
+        if rebuilt:
+            rank_zero_info(f"m6lit: rebuilt the experts of blocks {rebuilt} to match the checkpoint")
         self.sync_structure_hparams()
-        rank_zero_info(f"m6lit: rebuilt the model with {want} unique blocks to match the checkpoint")
 
     # ------------------------------------------------------------------ optimisation
     def build_param_groups(self) -> list[dict[str, Any]]:

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 SHARING_LAYOUTS = ("cycle", "stack")
 ROUTERS = ("topk", "prototype")
+EXPERT_OVERRIDE_KEYS = ("block", "num_experts", "top_k", "expert_d_ff", "segments")
+
+
+class ExpertShape(NamedTuple):
+    """The expert shape of one MoE block. `segments`: how many segment pieces each of the original experts is now
+    cut into (1 unless `segment_experts` ran), so that `merge_experts` can undo a segmentation exactly."""
+
+    num_experts: int
+    top_k: int
+    expert_d_ff: int
+    segments: int = 1
 
 
 @dataclass
@@ -24,6 +35,10 @@ class M6Config:
     `router` "topk" is softmax over all experts then top-k (renormalised when `router_norm_topk`); "prototype" is
     M6-T's k-top-1: the experts form `top_k` groups of `num_experts / top_k` and each token takes the top-1 of every
     group, gated by that group's softmax probability. `capacity_factor` None means dropless.
+    Expert split/merge: `expert_overrides` lists the physical blocks whose expert shape differs from the global
+    `num_experts` / `top_k` / `expert_d_ff`, one `{block, num_experts, top_k, expert_d_ff, segments}` entry each
+    (missing keys take the global value). `m6lit.model.experts` writes them; they are structural state, so a
+    checkpoint rebuilds the right shapes, and `delink` gives each cloned block its source block's entry.
     """
 
     vocab_size: int = 384
@@ -52,6 +67,7 @@ class M6Config:
     init_std: float = 0.02
     pad_token_id: int = 0
     eos_token_id: int = 1
+    expert_overrides: list[dict[str, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.num_unique_blocks is None:
@@ -71,6 +87,22 @@ class M6Config:
     @property
     def expert_hidden(self) -> int:
         return self.expert_d_ff if self.expert_d_ff is not None else self.d_ff
+
+    def expert_shape(self, block: int) -> ExpertShape:
+        """Expert shape of physical block `block`: the global one, with that block's override applied."""
+        shape = ExpertShape(self.num_experts, self.top_k, self.expert_hidden)
+        for entry in self.expert_overrides or []:
+            if entry.get("block") == block:
+                return shape._replace(**{k: v for k, v in entry.items() if k != "block"})
+        return shape
+
+    def set_expert_shape(self, block: int, shape: ExpertShape) -> None:
+        """Record block `block`'s expert shape (an override entry; none when it equals the global shape)."""
+        entries = [dict(e) for e in self.expert_overrides or [] if e.get("block") != block]
+        if shape != ExpertShape(self.num_experts, self.top_k, self.expert_hidden):
+            entries.append({"block": block, **shape._asdict()})
+        entries.sort(key=lambda e: e["block"])
+        self.expert_overrides = entries or None
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether logical layer `layer` uses an MoE FFN."""
@@ -150,6 +182,7 @@ class M6Config:
         need(self.init_std > 0, "init_std", "must be > 0")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a token id < vocab_size")
         need(0 <= self.eos_token_id < self.vocab_size, "eos_token_id", "must be a token id < vocab_size")
+        self._validate_expert_overrides()
         kinds: dict[int, tuple[bool, int]] = {}
         for layer, block in enumerate(self.layer_to_block()):
             moe = self.is_moe_layer(layer)
@@ -163,12 +196,55 @@ class M6Config:
             kinds.setdefault(block, (moe, layer))
         return self
 
+    def _validate_expert_overrides(self) -> None:
+        overrides = self.expert_overrides
+        if overrides is None:
+            return
+        if not isinstance(overrides, list):
+            raise ValueError(  # noqa: TRY004 - validate() reports every rule as a ValueError
+                f"M6Config.expert_overrides={overrides!r}: must be a list of per-block entries or None")
+        moe_blocks = self.block_is_moe()
+        seen: set[int] = set()
+        for i, entry in enumerate(overrides):
+            where = f"M6Config.expert_overrides[{i}]={entry!r}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: must be a dict with keys from {EXPERT_OVERRIDE_KEYS}")  # noqa: TRY004
+            unknown = sorted(set(entry) - set(EXPERT_OVERRIDE_KEYS))
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {EXPERT_OVERRIDE_KEYS}")
+            for key, value in entry.items():
+                low = 0 if key == "block" else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ValueError(f"{where}: {key} must be a {'non-negative' if key == 'block' else 'positive'} "
+                                     f"integer")
+            block = entry.get("block")
+            if block is None or not block < len(moe_blocks):
+                raise ValueError(f"{where}: block must be a physical block index in [0, num_unique_blocks="
+                                 f"{len(moe_blocks)})")
+            if not moe_blocks[block]:
+                raise ValueError(f"{where}: block {block} is a dense block (see moe_layers); only MoE blocks have "
+                                 f"experts")
+            if block in seen:
+                raise ValueError(f"{where}: block {block} has more than one entry")
+            seen.add(block)
+            shape = self.expert_shape(block)
+            if shape.top_k > shape.num_experts:
+                raise ValueError(f"{where}: top_k={shape.top_k} must be <= num_experts={shape.num_experts}")
+            if self.router == "prototype" and shape.num_experts % shape.top_k:
+                raise ValueError(f"{where}: router 'prototype' needs num_experts={shape.num_experts} divisible by "
+                                 f"top_k={shape.top_k}")
+            if shape.top_k % shape.segments or shape.num_experts % shape.segments:
+                raise ValueError(f"{where}: segments={shape.segments} must divide top_k={shape.top_k} and "
+                                 f"num_experts={shape.num_experts} (every piece of a chosen expert is chosen)")
+
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:
         """Plain-data copy (lists and scalars only) for YAML and checkpoints."""
         out = dataclasses.asdict(self)
         if isinstance(out["moe_layers"], tuple):
             out["moe_layers"] = list(out["moe_layers"])
+        if out["expert_overrides"] is not None:
+            out["expert_overrides"] = [dict(e) for e in out["expert_overrides"]]
         return out
 
     @classmethod

@@ -70,7 +70,7 @@ class M6Model(nn.Module):
         self.embed = M6Embeddings(config.vocab_size, config.d_model, config.max_seq_len, config.image_size,
                                   config.patch_size, config.in_channels, image_backbone)
         kinds = config.block_is_moe()
-        self.blocks = nn.ModuleList(self.build_block(moe) for moe in kinds)
+        self.blocks = nn.ModuleList(self.build_block(moe, block) for block, moe in enumerate(kinds))
         self.layer_to_block: list[int] = config.layer_to_block()
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -79,13 +79,15 @@ class M6Model(nn.Module):
             self.lm_head.weight = self.embed.tokens.weight
 
     # ------------------------------------------------------------------ construction
-    def build_block(self, moe: bool) -> TransformerBlock:
-        """A fresh (uninitialised) physical block of the configured shape."""
+    def build_block(self, moe: bool, block: int = 0) -> TransformerBlock:
+        """A fresh (uninitialised) physical block of the configured shape (physical block `block`'s expert shape)."""
         c = self.config
         layer = None
         if moe:
-            layer = MoELayer(c.d_model, c.expert_hidden, c.num_experts, c.top_k, router=c.router,
-                             capacity_factor=c.capacity_factor, norm_topk=c.router_norm_topk)
+            shape = c.expert_shape(block)
+            layer = MoELayer(c.d_model, shape.expert_d_ff, shape.num_experts, shape.top_k, router=c.router,
+                             capacity_factor=c.capacity_factor, norm_topk=c.router_norm_topk,
+                             segments=shape.segments)
         return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer)
 
     def init_weights(self) -> None:

@@ -171,17 +171,23 @@ class MoELayer(nn.Module):
     choices before second choices and earlier tokens first (GShard priority); a dropped slot contributes nothing
     (the residual carries the token). Padding tokens (`token_mask` False) are computed but excluded from the
     statistics, the aux losses and the capacity count.
+
+    `segments` records how many pieces `segment_experts` cut each original expert into (1 = never segmented), so
+    `merge_experts` knows the layout it has to undo; it does not change the forward.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "topk",
-                 capacity_factor: Optional[float] = None, norm_topk: bool = True) -> None:
+                 capacity_factor: Optional[float] = None, norm_topk: bool = True, segments: int = 1) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"MoELayer top_k={top_k}: must be in [1, num_experts={num_experts}]")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"MoELayer capacity_factor={capacity_factor}: must be > 0 or None")
+        if segments < 1 or top_k % segments or num_experts % segments:
+            raise ValueError(f"MoELayer segments={segments}: must divide top_k={top_k} and num_experts={num_experts}")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.segments = segments
         self.capacity_factor = capacity_factor
         self.router = Router(d_model, num_experts, top_k, router, norm_topk)
         self.experts = GroupedExperts(num_experts, d_model, d_ff)

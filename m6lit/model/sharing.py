@@ -35,8 +35,12 @@ class ParamLink:
     """One new parameter and how it derives from old ones.
 
     `transform` maps tensors shaped like the sources (the parameters themselves, or optimizer state such as Adam's
-    exp_avg) to a tensor shaped like `new`. `fan_out` is how many new parameters were derived from the same source
-    (delink: the number of copies, i.e. how many layer groups shared the old block).
+    exp_avg) to a tensor shaped like `new`. `state_transform`, when set, is what optimizer state goes through
+    instead — for a derivation that also rescales or perturbs the parameter (a segmented expert's output weight
+    is multiplied by the segment factor; split copies get noise), whose moments are moved, not rescaled.
+    `fan_out` is n such that the new parameter's gradient is expected at about 1/n of its source's (delink: the
+    number of copies, i.e. how many layer groups shared the old block; an expert merge of f experts: 1/f); the
+    `rescale` optimizer-state policy divides first moments by n and second moments by n².
     """
 
     new: nn.Parameter
@@ -44,8 +48,9 @@ class ParamLink:
     sources: list[nn.Parameter]
     source_names: list[str]
     transform: Callable[[list[Tensor]], Tensor] = _identity
-    fan_out: int = 1
+    fan_out: float = 1
     kind: str = "clone"
+    state_transform: Optional[Callable[[list[Tensor]], Tensor]] = None
 
 
 @dataclass
@@ -148,6 +153,10 @@ def delink(model: nn.Module, num_unique_blocks: Optional[int] = None) -> ParamMa
     model.blocks = nn.ModuleList(new_blocks)
     model.layer_to_block = new_map
     config.num_unique_blocks = new_k
+    if config.expert_overrides:  # each clone keeps its source block's expert shape
+        by_block = {entry["block"]: entry for entry in config.expert_overrides}
+        config.expert_overrides = [dict(by_block[source_of[b]], block=b) for b in range(new_k)
+                                   if source_of[b] in by_block] or None
     return param_map
 
 
