@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from m6lit.callbacks import ExpertSplitMerge, MoEMonitor, PseudoToReal
 from m6lit.callbacks.moe_monitor import load_heatmap
 
-from m6lit.model import MoELayer
+from m6lit.model import MoELayer, delink
 from m6lit.module import M6LitModule
 
 
@@ -169,3 +169,18 @@ def test_monitor_counts_optimizer_steps_under_accumulation() -> None:
     trainer.fit(module, loader())
     assert sorted(step for step, m in logger.rows if "moe/load_max" in m) == [2, 4]
     assert monitor.last and all(abs(sum(s.token_fraction) - 1.0) < 1e-9 for s in monitor.last)
+
+
+def test_delink_does_not_copy_what_a_hook_refers_to() -> None:
+    class Uncopyable:
+        def __deepcopy__(self, memo: dict) -> Any:
+            raise RuntimeError("deep-copied a hook's owner")
+
+        def hook(self, module: Any, args: Any, output: Any) -> None:
+            pass
+
+    module = _module(num_unique_blocks=2)
+    owner = Uncopyable()
+    module.model.blocks[0].register_forward_hook(owner.hook)
+    delink(module.model)
+    assert all(not b._forward_hooks for b in module.model.blocks)

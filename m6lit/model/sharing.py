@@ -96,19 +96,20 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 def clone_module(module: nn.Module) -> nn.Module:
     """Deep copy with fresh storage for every parameter and buffer (same dtype, device, requires_grad), no grads
-    and no hooks (placement hooks belong to whoever installed them and must be re-installed on purpose)."""
+    and no hooks (placement hooks belong to whoever installed them and must be re-installed on purpose). Hook
+    dicts are swapped for empty ones before copying, so whatever a hook refers to (its owner, a trainer) is never
+    deep-copied."""
     memo: dict[int, object] = {}
     for p in module.parameters():
         memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = b.detach().clone()
-    new = copy.deepcopy(module, memo)
-    for m in new.modules():
+    for m in module.modules():
         for name in _HOOK_DICTS:
             hooks = getattr(m, name, None)
-            if hooks:
-                hooks.clear()
-    return new
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    return copy.deepcopy(module, memo)
 
 
 def delink(model: nn.Module, num_unique_blocks: Optional[int] = None) -> ParamMap:
