@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -221,6 +222,7 @@ def model_card(model: M6Model, record: dict[str, Any], repo_name: str, data: dic
         metric_lines = [NO_METRICS]
     step = record.get("global_step")
     revision = _git_revision()
+    transformers_version = f"transformers {transformers.__version__}"
     version = f"{__version__}" + (f" (git {revision})" if revision else "")
     body = f"""
 # {repo_name}
@@ -259,7 +261,8 @@ text prefix are bidirectional context and the rest of the text is generated left
 ## Usage
 
 The folder carries its own model code; load it with `trust_remote_code=True` (pin a `revision` when loading from the
-Hub). Batched prompts are padded on the left; by default the whole prompt is bidirectional context.
+Hub) and transformers 5 (exported with {transformers_version}). Batched prompts are padded on the left; by default the
+whole prompt is bidirectional context.
 
 ```python
 import torch

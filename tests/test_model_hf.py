@@ -121,6 +121,9 @@ def test_logits_and_loss_match_m6_model(saved: tuple[M6Model, Path], loaded: M6F
     assert out.logits.shape == ref.logits.shape == (3, 5, VOCAB)
     assert (out.logits - ref.logits).abs().max() <= 1e-5
     assert torch.allclose(out.loss, lm_loss(ref.logits, labels) + ref.aux_loss, atol=1e-6)
+    with torch.no_grad():
+        as_tuple = loaded(**batch, labels=labels, return_dict=False)
+    assert torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[2], out.logits)  # (loss, aux_loss, logits)
     assert float(ref.aux_loss) > 0  # the MoE layers contribute, so the loss check covers them
 
 

@@ -108,8 +108,8 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """`M6Model` as a transformers causal LM over image patches and text (loss, logits over text positions, KV cache).
 
     Batches follow m6lit's contract: `input_ids`/`attention_mask` [B, T], optional `pixel_values` [B, C, H, W],
-    `prefix_len` [B] (text tokens that are bidirectional context; default 0 in `forward`, the whole prompt in
-    `generate`) and `image_mask` [B]. `labels` are aligned with `input_ids` (shifted inside, -100 ignored); the loss
+    `prefix_len` [B] (text tokens, counted from each row's first valid one, that are bidirectional context; default
+    0 in `forward`, the whole prompt in `generate`) and `image_mask` [B]. `labels` are aligned with `input_ids` (shifted inside, -100 ignored); the loss
     is the LM loss plus the weighted MoE aux loss, as in m6lit training.
     """
 
@@ -150,7 +150,7 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 pixel_values: Tensor | None = None, prefix_len: Tensor | None = None,
                 image_mask: Tensor | None = None, labels: Tensor | None = None, cache: Cache | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
-                return_dict: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+                return_dict: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast | tuple:
         """Logits over the text positions of `input_ids`; with a non-empty `cache`, `input_ids` are the new tokens
         and `attention_mask` covers the whole text so far (`past_key_values` is the older name of `cache`)."""
         cache = cache if cache is not None else past_key_values
@@ -198,7 +198,8 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = lm_loss(out.logits, labels) + out.aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
+        return result.to_tuple() if return_dict is False else result
 
     def generate(self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs: Any) -> Any:
