@@ -219,6 +219,29 @@ def test_sharded_export_reloads_the_same_model(run: dict[str, Path], tmp_path: P
         assert torch.equal(module.model(batch).logits, reference(batch).logits)
 
 
+def test_split_experts_and_router_offsets_flow_through_export_and_init_from(tmp_path: Path) -> None:
+    from m6lit.model.experts import apply_expert_op
+
+    torch.manual_seed(0)
+    model = M6Model(tiny_config(vocab_size=BYTE_VOCAB)).eval()
+    apply_expert_op(model, "split", 2)
+    with torch.no_grad():
+        model.blocks[1].ffn.router.logit_offset.normal_()  # whatever the split left there, make it distinctive
+    assert model.config.expert_overrides
+    ckpt = tmp_path / "split.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"config": model.config.to_dict()}}, ckpt)
+    folder = export_checkpoint(ckpt, tmp_path / "split")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert reloaded.config.to_m6_config() == model.config
+    assert torch.equal(reloaded.model.blocks[1].ffn.router.logit_offset, model.blocks[1].ffn.router.logit_offset)
+    module = M6LitModule(model.config.to_dict(), init_from=str(folder))
+    batch = _batch(images=True)
+    with torch.no_grad():
+        assert (reloaded(**batch).logits - model(batch).logits).abs().max() <= 1e-5
+        assert torch.equal(module.model.eval()(batch).logits, model(batch).logits)
+
+
 def test_run_config_puts_the_data_in_the_card(run: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("model: {}\ndata:\n  train:\n  - {kind: jsonl, path: data/train.jsonl}\n  tokenizer: null\n")
