@@ -39,7 +39,8 @@ from m6lit.strategies.planner import (
 from m6lit.strategies.streaming import ParamStreamer
 
 _CPU_ANNOUNCED = False
-STAT_KEYS = ("h2d_bytes", "d2h_bytes", "fetches", "stall_s", "host_wait_s", "optimizer_s")
+STAT_KEYS = ("h2d_bytes", "d2h_bytes", "fetches", "stall_s", "host_wait_s", "accumulate_s", "refresh_s",
+             "optimizer_s")
 
 
 def _announce_cpu() -> None:
@@ -73,6 +74,9 @@ def use_fused_adam(optimizer: torch.optim.Optimizer) -> bool:
         group["foreach"] = False
     optimizer.defaults["fused"] = True
     optimizer.defaults["foreach"] = False
+    # fused Adam can unscale fp16 gradients itself, and Lightning then refuses gradient clipping; under bf16 (the
+    # only mixed precision this strategy accepts) there is no scaler, so clipping is safe and the flag must go
+    optimizer._step_supports_amp_scaling = False
     for p, state in optimizer.state.items():
         step = state.get("step")
         if isinstance(step, Tensor) and step.device != p.device:
@@ -301,8 +305,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.streamer is not None and self.streamer.units:
+            # the bf16 stream copies are re-made lazily, at each unit's next fetch, where the host work overlaps the
+            # GPU's compute of the units before it
             self.streamer.mark_dirty()
-            self.streamer.refresh()
             self._optimizer_time += time.perf_counter() - self._backward_end
             self._record_stats()
         return out
@@ -371,12 +376,18 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             self.streamer.mark_dirty()
 
     def teardown(self) -> None:
-        """Uninstall the streaming hooks and unpin host buffers (parameters keep their values), then Lightning's
-        teardown."""
+        """Uninstall the streaming hooks and unpin host buffers; parameters keep their values and places.
+
+        Unlike Lightning's default this does not copy the resident parameters and optimizer state to the CPU: with
+        the offloaded state already filling host memory, that copy is what runs the host out of memory (call
+        `.cpu()` on the module yourself when the GPU copy must go)."""
         if self.streamer is not None:
             self.streamer.remove()
             self.streamer = None
-        super().teardown()
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
 StrategyRegistry.register(SelectiveOffloadStrategy.strategy_name, SelectiveOffloadStrategy,

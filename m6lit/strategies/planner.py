@@ -373,7 +373,7 @@ def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed",
     host = {"fp32 masters": 4.0 * n_off, "gradients (fp32)": 4.0 * n_off,
             "optimizer state": float(optimizer_state_bytes * n_off), "bf16 stream copies": 2.0 * lp_off,
             "gradient stage": stage32}
-    pinned = 4.0 * n_off + 2.0 * lp_off + stage32
+    pinned = 8.0 * n_off + 2.0 * lp_off + stage32
     micro = max(accumulate_grad_batches, 1)
     h2d = sum(r.stream_bytes * 2 * r.runs for r in off) * micro
     d2h = sum(r.stream_bytes for r in off) * micro

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from m6lit.model.moe import GroupedExperts
 
 _TAG = object()
+ALIGN = 64  # elements: every parameter view starts 128-byte aligned (bf16) or better
 LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -62,17 +63,22 @@ def unregister_host_memory(tensor: Tensor) -> None:
 
 @dataclass
 class StreamStats:
-    """Transfer counters since the last `reset`: bytes each way, copies issued, and time the compute waited."""
+    """Counters since the last `collect_stats`: bytes each way, copies issued, time the compute waited for copies
+    (`stall_s`), time the host waited for gradient copies (`host_wait_s`), and host time adding gradients into
+    the fp32 accumulators (`accumulate_s`) and re-making bf16 stream copies (`refresh_s`)."""
 
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     fetches: int = 0
     stall_s: float = 0.0
     host_wait_s: float = 0.0
+    accumulate_s: float = 0.0
+    refresh_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {"h2d_bytes": float(self.h2d_bytes), "d2h_bytes": float(self.d2h_bytes), "fetches": float(self.fetches),
-                "stall_s": self.stall_s, "host_wait_s": self.host_wait_s}
+                "stall_s": self.stall_s, "host_wait_s": self.host_wait_s, "accumulate_s": self.accumulate_s,
+                "refresh_s": self.refresh_s}
 
 
 @dataclass
@@ -187,6 +193,8 @@ class ParamStreamer:
             raise ValueError(f"ParamStreamer prefetch={prefetch}: must be >= 0")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch = prefetch
         self.pin_memory = pin_memory and self.cuda
         self.low_precision = low_precision
@@ -255,12 +263,12 @@ class ParamStreamer:
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
-            total += p.numel()
+            total += -(-p.numel() // ALIGN) * ALIGN  # aligned views: vectorised kernels and grouped_mm need it
         master_dtype = params[0].dtype
         if any(p.dtype != master_dtype for p in params):
             raise ValueError(f"ParamStreamer: unit {unit.name} mixes parameter dtypes in one stream group")
-        master = self._host_empty(unit, total, master_dtype)
-        staging = master if dtype == master_dtype else self._host_empty(unit, total, dtype)
+        master = self._host_empty(unit, total, master_dtype).zero_()
+        staging = master if dtype == master_dtype else self._host_empty(unit, total, dtype).zero_()
         device_flat = torch.empty(total, dtype=dtype, device=self.device)
         group = _Group(dtype=dtype, params=params, names=[n for n, _ in items], offsets=offsets, numel=total,
                        master=master, staging=staging, device_flat=device_flat)
@@ -355,12 +363,13 @@ class ParamStreamer:
             for g in u.groups:
                 self._refresh_group(g)
 
-    @staticmethod
-    def _refresh_group(g: _Group) -> None:
+    def _refresh_group(self, g: _Group) -> None:
         if not g.staging_valid:
+            start = time.perf_counter()
             with torch.no_grad():
                 g.staging.copy_(g.master)
             g.staging_valid = True
+            self.stats.refresh_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ fetch and release
     def _fetch(self, unit: StreamUnit, full: bool | None = None) -> None:
@@ -423,6 +432,9 @@ class ParamStreamer:
     def _release(self, unit: StreamUnit) -> None:
         if not unit.live:
             return
+        if self.cuda and unit.ready is not None:
+            # the memory returns to the compute stream's pool: order it after the copy (a prefetch may be unused)
+            torch.cuda.current_stream(self.device).wait_event(unit.ready)
         for g in unit.groups:
             for view, p in zip(g.master_views, g.params):
                 p.data = view
@@ -546,7 +558,7 @@ class ParamStreamer:
         """Where this backward's gradients land on the host: the bf16 stream copy (then upcast), the fp32
         accumulator itself, or an fp32 stage when adding to gradients already accumulated."""
         if g.acc is None:
-            g.acc = torch.zeros(g.numel, dtype=g.master.dtype)
+            g.acc = self._host_empty(unit, g.numel, g.master.dtype).zero_()  # pinned: fp32 gradients land here
         if g.staging is not g.master:
             g.staging_valid = False
             g.target = g.staging
@@ -581,10 +593,12 @@ class ParamStreamer:
             self.d2h_stream.synchronize()
             self.h2d_stream.synchronize()
         self.stats.host_wait_s += time.perf_counter() - start
+        start = time.perf_counter()
         with torch.no_grad():
             for u in self.units:
                 for g in u.groups:
                     self._accumulate(g)
+        self.stats.accumulate_s += time.perf_counter() - start
         self.begin_pass()
 
     def _accumulate(self, g: _Group) -> None:
