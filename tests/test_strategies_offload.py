@@ -12,8 +12,8 @@ import torch
 from _fakes import LossRecorder, fit, loader, tiny_config
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import StrategyRegistry
-
 from m6lit.callbacks import PseudoToReal
+
 from m6lit.module import M6LitModule
 from m6lit.strategies import SelectiveOffloadStrategy
 from m6lit.strategies.planner import plan_offload

@@ -363,9 +363,12 @@ def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed",
         logits = per_text_token * micro_batch_tokens
         mask = micro_batch_tokens * config.max_seq_len
     biggest = max((r.stream_bytes for r in off), default=0)
+    # live at once: the unit in use, `prefetch` ahead and one kept across the forward/backward turn, plus the
+    # gradient of the unit whose backward just ran (before its copy to the host)
+    stream_buffers = (min(len(off), prefetch + 2) + 1) * biggest if off else 0
     gpu = {"parameters (fp32)": 4.0 * n_res, "gradients (fp32)": 4.0 * n_res,
            "optimizer state": float(optimizer_state_bytes * n_res), "autocast copies (bf16)": 2.0 * lp_res,
-           "stream buffers": float((prefetch + 3) * biggest), "activations": act + mask, "logits and loss": logits,
+           "stream buffers": float(stream_buffers), "activations": act + mask, "logits and loss": logits,
            "buffers": float(buffer_bytes), "CUDA context and workspace": float(reserve_bytes)}
     lp_off = sum(r.low_precision_numel for r in off) if precision == "bf16-mixed" else 0
     fp_off = n_off - lp_off
@@ -418,10 +421,13 @@ class OffloadPlan:
         lines.append("GPU memory estimate per GPU: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in est.gpu.items()
                                                                   if v) + f" = {format_bytes(est.gpu_total)}"
                      + (f" (budget {format_bytes(self.gpu_memory_budget)})" if self.gpu_memory_budget else ""))
-        lines.append("host memory estimate per GPU: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in
-                                                                   est.host.items() if v)
-                     + f" = {format_bytes(est.host_total)}, of which pinned {format_bytes(est.pinned)}"
-                     + (f" (budget {format_bytes(self.host_memory_budget)})" if self.host_memory_budget else ""))
+        if est.offloaded_params:
+            lines.append("host memory estimate per GPU: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in
+                                                                       est.host.items() if v)
+                         + f" = {format_bytes(est.host_total)}, of which pinned {format_bytes(est.pinned)}"
+                         + (f" (budget {format_bytes(self.host_memory_budget)})" if self.host_memory_budget else ""))
+        else:
+            lines.append("host memory estimate per GPU: nothing offloaded")
         if est.offloaded_params:
             lines.append(self._timing())
         return "\n".join(lines)
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         plan.host_memory_budget = parse_bytes(host_budget) if host_budget else None
         print(plan.table())
-        if args.num_gpus > 1:
+        if args.num_gpus > 1 and plan.estimate.offloaded_params:
             per_host = min(args.gpus_per_host, args.num_gpus)
             print(f"per host ({per_host} GPUs): {format_bytes(per_host * plan.estimate.host_total)} of host memory, "
                   f"{format_bytes(per_host * plan.estimate.pinned)} pinned")

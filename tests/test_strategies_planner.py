@@ -1,0 +1,146 @@
+"""OffloadPlan: module patterns (ranges, lists, globs, containers, typos), memory sizes, the budget plan (what stays
+resident, what streams first, too-small budgets), the estimate against real tensors, and `m6lit plan` on the
+10-trillion-parameter config without allocating it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _fakes import tiny_config
+from torch import nn
+
+from m6lit.model import M6Model
+from m6lit.strategies.planner import (
+    _meta_root,
+    estimate,
+    find_config,
+    parse_bytes,
+    plan_offload,
+    resident_params,
+    resolve_offload,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+M6_10T = ROOT / "configs" / "m6-10t.yaml"
+
+
+def _root(**overrides) -> nn.Module:
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.model = M6Model(tiny_config(**overrides))
+    return root
+
+
+def test_patterns_ranges_lists_globs_and_containers() -> None:
+    root = _root(num_layers=6, num_unique_blocks=6)
+    assert resolve_offload(root, ["model.blocks.[1-3]"]) == ["model.blocks.1", "model.blocks.2", "model.blocks.3"]
+    assert resolve_offload(root, ["model.blocks.[0,5]"]) == ["model.blocks.0", "model.blocks.5"]
+    assert resolve_offload(root, ["*.experts"]) == [f"model.blocks.{i}.ffn.experts" for i in (1, 3, 5)]
+    assert resolve_offload(root, ["model.blocks"]) == [f"model.blocks.{i}" for i in range(6)], \
+        "a container without a forward stands for its children"
+    assert resolve_offload(root, ["model.blocks.1", "model.blocks.1.attn"]) == ["model.blocks.1"], "outermost wins"
+    assert resolve_offload(root, ["model.blocks.[6-9]"]) == [], "blocks a later delink creates are not a typo"
+
+
+def test_unknown_pattern_lists_the_closest_names() -> None:
+    root = _root()
+    with pytest.raises(ValueError, match=r"'model\.blcks\.1' matches no module\. Closest names: \['model\.blocks\.1'"):
+        resolve_offload(root, ["model.blcks.1"])
+    with pytest.raises(ValueError, match=r"must be an integer range"):
+        resolve_offload(root, ["model.blocks.[a-b]"])
+    with pytest.raises(TypeError, match="list of patterns"):
+        resolve_offload(root, "model.blocks.1")
+
+
+def test_tied_weights_stay_resident() -> None:
+    root = _root()
+    keep = resident_params(root, ["model.lm_head"])
+    assert keep == {id(root.model.lm_head.weight)}, "the head's weight is the embedding's: it cannot stream"
+    assert resident_params(root, ["model.blocks.1"]) == set()
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("96GiB", 96 * 2**30), ("1.5e11", 150_000_000_000),
+                                           (4096, 4096), ("512 MB", 512 * 10**6)])
+def test_parse_bytes(text, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_nonsense() -> None:
+    for bad in ("eighty", "-5GB", "0", "12 parsecs"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_estimate_counts_the_real_bytes() -> None:
+    root = _root(moe_layers="none")
+    plan = plan_offload(root, offload=["model.blocks.[1-2]"], precision="32-true", micro_batch_tokens=64)
+    off = sum(p.numel() for i in (1, 2) for p in root.model.blocks[i].parameters())
+    res = sum(p.numel() for p in root.parameters()) - off
+    est = plan.estimate
+    assert (est.offloaded_params, est.resident_params) == (off, res)
+    assert est.gpu["parameters (fp32)"] == 4 * res and est.host["fp32 masters"] == 4 * off
+    assert est.host["optimizer state"] == 8 * off
+    assert est.h2d_per_step == 2 * 4 * off and est.d2h_per_step == 4 * off, "fp32 weights there and back, grads back"
+    bf16 = plan_offload(root, offload=["model.blocks.[1-2]"], precision="bf16-mixed", micro_batch_tokens=64).estimate
+    assert bf16.d2h_per_step < 0.6 * est.d2h_per_step, "matmul weights stream and return gradients in bf16"
+
+
+def test_budget_plan_keeps_ends_resident_and_streams_dense_odd_layers_first() -> None:
+    root = _root(num_layers=8, num_unique_blocks=8, moe_layers=[2, 6])
+    config = find_config(root)
+    kwargs = {"precision": "32-true", "micro_batch_tokens": 64}
+    everything = plan_offload(root, offload=[], **kwargs).estimate.gpu_total
+    one = plan_offload(root, gpu_memory_budget=int(everything) - 1, **kwargs)
+    assert one.offload == ["model.blocks.1"], "a dense block at an odd layer goes first"
+    assert one.estimate.gpu_total <= everything - 1
+    most = plan_offload(root, gpu_memory_budget=int(everything * 0.99995), **kwargs)
+    assert "model.blocks.0" not in most.offload and "model.blocks.7" not in most.offload
+    dense_first = [n for n in most.offload if n not in ("model.blocks.2", "model.blocks.6")]
+    assert dense_first, most.offload
+    rows = [r for r in one.rows if r.is_block]
+    for r in rows:
+        r.offloaded = r.name not in ("model.blocks.0", "model.blocks.7")
+    minimum = estimate(rows, config, **kwargs, buffer_bytes=0).gpu_total
+    with pytest.raises(ValueError, match="too small even for the resident minimum"):
+        plan_offload(root, gpu_memory_budget=int(minimum * 0.9), **kwargs)
+    with pytest.raises(ValueError, match="host_memory_budget=.* is exceeded"):
+        plan_offload(root, gpu_memory_budget=int(everything) - 1, host_memory_budget=100, **kwargs)
+
+
+def test_m6_10t_plans_on_the_meta_device_without_allocating() -> None:
+    root = _meta_root({"vocab_size": 21128, "d_model": 1024, "n_heads": 16, "num_layers": 48, "moe_layers": "all",
+                       "num_experts": 10240, "top_k": 4, "router": "prototype", "expert_d_ff": 6656,
+                       "image_size": 224, "patch_size": 16, "max_seq_len": 512})
+    assert all(p.is_meta for p in root.parameters())
+    total = sum(p.numel() for p in root.parameters())
+    assert 9.9e12 < total < 10.2e12, total
+    script = ("import resource, sys\n"
+              "from m6lit.strategies.planner import main\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"main(['--config', {str(M6_10T)!r}, '--gpu_memory_budget', '80GB', '--num_gpus', '512'])\n"
+              "print('RSS_GROWTH_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "(as configured): 209.42B parameters" in text and "(after delink to 48 blocks): 10.05T parameters" in text
+    assert "per GPU with experts split over 512 GPUs" in text and "per host (8 GPUs)" in text
+    assert "model.blocks.0                     GPU" in text, "the first layer's block stays resident"
+    growth_kb = int(text.split("RSS_GROWTH_KB")[1].split()[0])
+    assert growth_kb < 300_000, f"planning grew the process by {growth_kb} KB"
+
+
+def test_plan_command_needs_a_budget_or_patterns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from m6lit.strategies.planner import main
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("model:\n  config:\n    num_layers: 4\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(bare)])
+    assert "--gpu_memory_budget" in capsys.readouterr().err
+    main(["--config", str(bare), "--offload", "model.blocks.[1-2]"])
+    assert "model.blocks.[1-2]" in capsys.readouterr().out
