@@ -12,9 +12,9 @@ Layouts (E experts, k = top_k, F = expert hidden size, n = factor):
 copies a split made; "auto" concatenates when the layer's `segments` count is divisible by the factor.
 
 What is exact (dropless layers; see the functions): segment keeps the layer's output, balance loss and z-loss
-(up to float rounding); merge(concat) after segment restores the parameters (bit for bit for power-of-two factors);
-split keeps each original expert's softmax mass and logsumexp, and the output only for a `topk` router with top_k = 1,
-renormalised gates and zero noise.
+(up to float rounding); merge(concat) after segment restores the parameters (bit for bit for power-of-two factors;
+the logit-offset buffer to rounding unless it was zero); split keeps each original expert's softmax mass and
+logsumexp, and the output only for a `topk` router with top_k = 1, renormalised gates and zero noise.
 """
 
 from __future__ import annotations
