@@ -39,8 +39,6 @@ from m6lit.strategies.planner import (
 from m6lit.strategies.streaming import ParamStreamer
 
 _CPU_ANNOUNCED = False
-STAT_KEYS = ("h2d_bytes", "d2h_bytes", "fetches", "stall_s", "host_wait_s", "accumulate_s", "refresh_s",
-             "optimizer_s")
 
 
 def _announce_cpu() -> None:

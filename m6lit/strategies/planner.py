@@ -480,7 +480,7 @@ def active_params(config: Any, rows: Sequence[Row]) -> float:
             total += row.numel
             continue
         own = row.numel - row.expert_numel + (config.top_k * expert if row.expert_numel else 0)
-        total += own * len(row.layers) if row.is_block else own * 0
+        total += own * len(row.layers)
     return total
 
 

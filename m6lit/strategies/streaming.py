@@ -215,7 +215,6 @@ class ParamStreamer:
         if self.cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)
-            self._d2h_event: torch.cuda.Event | None = None
         for name, module in units:
             self.add_unit(name, module)
 
