@@ -28,6 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
+import m6lit.strategies  # noqa: F401  (registers the offload strategy's short name, `strategy: m6_offload`)
 from m6lit.callbacks.predictions import CaptionWriter
 from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
