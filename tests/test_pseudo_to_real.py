@@ -144,7 +144,8 @@ def test_validate_works_on_checkpoints_before_and_after_delink(tmp_path: Path) -
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on two local processes")
 def test_ddp_two_ranks_stay_identical_after_delink(tmp_path: Path) -> None:
     script = Path(__file__).parent / "scripts" / "ddp_delink.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "M6LIT_TEST_OUT": str(tmp_path)}
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]), "M6LIT_TEST_OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sums = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -1,4 +1,4 @@
-"""m6lit callbacks (installed as `m6lit.callbacks`): they orchestrate pure model functions during training."""
+"""m6lit callbacks: they orchestrate pure model functions during training."""
 
 from m6lit.callbacks.expert_split_merge import ExpertEvent, ExpertSplitMerge
 from m6lit.callbacks.moe_monitor import MoEMonitor
