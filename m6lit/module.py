@@ -214,14 +214,19 @@ class M6LitModule(LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm and refuse to step on a non-finite one (the parameters, and so the last
-        checkpoint, stay good)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        checkpoint, stay good). A strategy that already has the norm (`total_grad_norm()`, e.g. the offload strategy,
+        whose offloaded gradients are not host tensors here) supplies it; otherwise it is computed here."""
+        strategy = getattr(getattr(self, "_trainer", None), "strategy", None)
+        norm = strategy.total_grad_norm() if callable(getattr(strategy, "total_grad_norm", None)) else None
+        if norm is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if not grads:
+                return
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if not bool(torch.isfinite(norm)):
-            bad = next(name for name, p in self.named_parameters()
-                       if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+            finder = getattr(strategy, "first_nonfinite_grad", None)
+            bad = (finder() if callable(finder) else None) or next((name for name, p in self.named_parameters()
+                               if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a gradient")
             raise FloatingPointError(
                 f"non-finite gradient (first in {bad}) at global step {self.global_step}; stopping before the "
                 f"optimizer step — the last saved checkpoint is untouched")

@@ -82,8 +82,12 @@ def test_estimate_counts_the_real_bytes() -> None:
     res = sum(p.numel() for p in root.parameters()) - off
     est = plan.estimate
     assert (est.offloaded_params, est.resident_params) == (off, res)
-    assert est.gpu["parameters (fp32)"] == 4 * res and est.host["fp32 masters"] == 4 * off
-    assert est.host["optimizer state"] == 8 * off
+    assert est.gpu["parameters (fp32)"] == 4 * res and est.host["optimizer state"] == 8 * off
+    padded = sum(-(-p.numel() // 64) * 64 for i in (1, 2) for p in root.model.blocks[i].parameters())
+    assert est.host["fp32 masters"] == 4 * padded, "masters are laid out 64-element aligned"
+    legacy = plan_offload(root, offload=["model.blocks.[1-2]"], precision="32-true", micro_batch_tokens=64,
+                          host_layout="legacy").estimate
+    assert legacy.host["fp32 masters"] == 4 * off and legacy.host["gradients (fp32)"] == 4 * off
     assert est.h2d_per_step == 2 * 4 * off and est.d2h_per_step == 4 * off, "fp32 weights there and back, grads back"
     bf16 = plan_offload(root, offload=["model.blocks.[1-2]"], precision="bf16-mixed", micro_batch_tokens=64).estimate
     assert bf16.d2h_per_step < 0.6 * est.d2h_per_step, "matmul weights stream and return gradients in bf16"
@@ -144,3 +148,40 @@ def test_plan_command_needs_a_budget_or_patterns(tmp_path: Path, capsys: pytest.
     assert "--gpu_memory_budget" in capsys.readouterr().err
     main(["--config", str(bare), "--offload", "model.blocks.[1-2]"])
     assert "model.blocks.[1-2]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision,accumulate,shared", [("bf16-mixed", 1, False), ("32-true", 1, False),
+                                                         ("bf16-mixed", 2, False), ("bf16-mixed", 1, True)])
+def test_host_and_pinned_estimate_equal_what_the_streamer_allocates(precision: str, accumulate: int,
+                                                                     shared: bool) -> None:
+    from m6lit.strategies.streaming import ParamStreamer
+
+    root = _root(num_unique_blocks=2) if shared else _root()
+    units = ["model.blocks.1"] if shared else ["model.blocks.1", "model.blocks.2"]
+    plan = plan_offload(root, offload=units, precision=precision, micro_batch_tokens=64,
+                        accumulate_grad_batches=accumulate)
+    shared_names = {r.name for r in plan.rows if len(r.layers) > 1}
+    assert bool(shared_names) == shared
+    streamer = ParamStreamer([(n, root.get_submodule(n)) for n in units], torch.device("cpu"),
+                             low_precision=torch.bfloat16 if precision == "bf16-mixed" else None,
+                             shared=shared_names, lean=True, accumulate=accumulate > 1)
+    host = plan.estimate.host
+    streamer_estimate = plan.estimate.host_total - host["optimizer state"] - host["engine scratch"]
+    assert streamer_estimate == streamer.host_bytes(), (host, streamer.host_bytes())
+    assert plan.estimate.pinned == streamer.copied_bytes()
+    biggest = max(g.numel for u in streamer.units for g in u.groups if g.low_precision) if precision != "32-true" \
+        and not shared else 0
+    assert host["engine scratch"] == (0 if accumulate > 1 else 4 * biggest)
+    if precision == "bf16-mixed" and accumulate == 1 and not shared:
+        n_off = plan.estimate.offloaded_params
+        assert plan.estimate.pinned < 2.6 * n_off, "lean layout: about 2 pinned bytes per offloaded parameter"
+        assert "fp32 accumulators" not in {k for k, v in host.items() if v}, "no fp32 accumulator without accumulation"
+
+
+def test_host_budget_that_cannot_fit_names_the_budget_and_the_shortfall() -> None:
+    root = _root()
+    need = plan_offload(root, offload=["model.blocks.[1-2]"], micro_batch_tokens=64).estimate.host_total
+    with pytest.raises(ValueError, match=r"host_memory_budget=1.00 KB is exceeded by .*KB: .*nothing was allocated"):
+        plan_offload(root, offload=["model.blocks.[1-2]"], micro_batch_tokens=64, host_memory_budget=1000)
+    assert plan_offload(root, offload=["model.blocks.[1-2]"], micro_batch_tokens=64,
+                        host_memory_budget=int(need)).estimate.host_total == need

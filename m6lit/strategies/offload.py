@@ -4,8 +4,13 @@ them to the GPU just in time, the rest staying resident.
 Choose the modules with `offload` patterns over the LightningModule's module names (globs and integer ranges:
 `model.blocks.[4-11]`, `*.experts`) or let `gpu_memory_budget` pick them (`planner.plan_offload`). Offloaded
 parameters keep their fp32 master, gradient and optimizer state in (pinned) host memory; `streaming.ParamStreamer`
-moves their compute copies. With `offload_optimizer`, Adam/AdamW run their fused kernels on both devices from the
-user's one optimizer (fused CPU AdamW for the host masters, fused CUDA AdamW for resident parameters).
+moves their compute copies. With `offload_optimizer` (default), Adam/AdamW run their fused kernels on both devices
+from the user's one optimizer: fused CUDA AdamW for resident parameters in `optimizer.step()`, and for the host
+masters a `host_engine.HostEngine` worker thread that steps each unit (in forward order, pipelined into the next
+forward, which waits per unit for "updated") with the optimizer's own state. The gradient norm is taken once, on the
+device, before each gradient leaves it (`total_grad_norm()`); Lightning's `gradient_clip_val` uses it, and the clip
+coefficient is applied inside each unit's step. `optimizer_overlap: backward` steps units during backward already
+(redone from a backup when clipping then scales the gradients).
 
 Use it by class path (`trainer.strategy.class_path: m6lit.strategies.SelectiveOffloadStrategy`) or, once
 `m6lit.strategies` is imported, by the short name `m6_offload`. Without CUDA the same streaming path runs with host
@@ -28,6 +33,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from m6lit.strategies.host_engine import (
+    OVERLAP_MODES,
+    GroupHyper,
+    HostEngine,
+    StepPlan,
+    UnitWork,
+    check_adam,
+    init_state,
+    wait_event,
+)
 from m6lit.strategies.planner import (
     OffloadPlan,
     format_bytes,
@@ -36,7 +51,7 @@ from m6lit.strategies.planner import (
     resident_params,
     resolve_offload,
 )
-from m6lit.strategies.streaming import ParamStreamer
+from m6lit.strategies.streaming import ParamStreamer, StreamUnit
 
 _CPU_ANNOUNCED = False
 
@@ -105,7 +120,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         host_memory_budget: host memory the offloaded state may take; exceeding it fails at setup.
         prefetch: how many streamed modules to copy ahead of use (forward) or behind it (backward).
         pin_memory: page-lock host buffers (CUDA only; needed for copies that overlap compute).
-        offload_optimizer: run Adam/AdamW with fused kernels on both devices (CPU for offloaded masters).
+        offload_optimizer: run Adam/AdamW with fused kernels on both devices, the host part on the engine thread
+            (false: host gradients become `.grad` and the optimizer steps them on the main thread, any optimizer).
+        optimizer_overlap: `exact` (default: offloaded units step after backward, bitwise as resident training) or
+            `backward` (each unit steps as its gradients land; with clipping a unit is redone from a backup copy of
+            its state when the coefficient is below 1, counted in `offload/redo_units`; needs
+            accumulate_grad_batches=1).
+        engine_threads: host threads for the engine's kernels (default: all cores but two).
+        engine: `thread` (default) or `inline` (every engine task runs on the main thread; same bits, for debugging).
         micro_batch_tokens: tokens per micro-batch for the budget plan's activation estimate (default: the data
             module's batch_size times the model's max_seq_len, else 8192).
         device: the compute device (default: the Trainer's device).
@@ -116,6 +138,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def __init__(self, offload: list[str] | None = None, gpu_memory_budget: int | str | None = None,
                  host_memory_budget: int | str | None = None, prefetch: int = 1, pin_memory: bool = True,
                  offload_optimizer: bool = True, micro_batch_tokens: int | None = None,
+                 optimizer_overlap: str = "exact", engine_threads: int | None = None, engine: str = "thread",
                  device: str | torch.device | None = None, accelerator: Any = None, checkpoint_io: Any = None,
                  precision_plugin: Any = None) -> None:
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
@@ -127,6 +150,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                             f"{offload!r} (write [{offload!r}])")
         if prefetch < 0:
             raise ValueError(f"SelectiveOffloadStrategy.prefetch={prefetch}: must be >= 0")
+        if optimizer_overlap not in OVERLAP_MODES:
+            raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={optimizer_overlap!r}: choose one of "
+                             f"{OVERLAP_MODES}")
+        if optimizer_overlap == "delayed":
+            raise ValueError("SelectiveOffloadStrategy.optimizer_overlap='delayed' is not available yet; use 'exact' "
+                             "or 'backward'")
+        if engine not in ("thread", "inline"):
+            raise ValueError(f"SelectiveOffloadStrategy.engine={engine!r}: choose 'thread' or 'inline'")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
             raise ValueError(f"SelectiveOffloadStrategy.micro_batch_tokens={micro_batch_tokens}: must be >= 1")
         self.offload = list(offload) if offload is not None else None
@@ -143,6 +174,20 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.step_stats: list[dict[str, float]] = []
         self._backward_end = 0.0
         self._optimizer_time = 0.0
+        self.optimizer_overlap = optimizer_overlap
+        self.engine_threads = engine_threads
+        self.engine_kind = engine
+        self.engine_max_delay_s = 0.0  # tests: random delays before each engine task must not change any bit
+        self.engine: HostEngine | None = None
+        self._norm_cache: Tensor | None = None
+        self._clip_coef: Tensor | None = None
+        self._spec_plans: dict[int, StepPlan] = {}
+        self._last_coef: tuple[Tensor, Any] | None = None
+        self.redo_units = 0
+        self.speculated_units = 0
+        self._accumulate = 1
+        self._works: dict[int, UnitWork] = {}
+        self._scratch: Tensor | None = None
 
     # ------------------------------------------------------------------ device
     @property
@@ -171,6 +216,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        if self.offload_optimizer:
+            self.engine = HostEngine(threads=self.engine_threads, inline=self.engine_kind == "inline",
+                                     max_delay_s=self.engine_max_delay_s)
+            # Lightning's gradient_clip_val clips through the precision plugin: point it at the device-side norm
+            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
 
     def model_to_device(self) -> None:
         module = self.lightning_module
@@ -208,7 +258,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         return plan_offload(module, gpu_memory_budget=self.gpu_memory_budget, offload=self.offload,
                             precision="bf16-mixed" if lp is not None else "32-true",
                             micro_batch_tokens=self._tokens(module), prefetch=self.prefetch,
-                            accumulate_grad_batches=accumulate, host_memory_budget=self.host_memory_budget)
+                            accumulate_grad_batches=accumulate, host_memory_budget=self.host_memory_budget,
+                            host_layout=("engine-backward" if self.optimizer_overlap == "backward" else "engine")
+                            if self.offload_optimizer else "legacy")
 
     def _place(self, module: LightningModule) -> None:
         device = self.root_device
@@ -225,8 +277,16 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                            f"{format_bytes(plan.estimate.host_total)} of host memory but only "
                            f"{format_bytes(available)} is available; set host_memory_budget to fail fast")
         if self.streamer is None:
+            trainer = getattr(module, "_trainer", None)
+            self._accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            if self.optimizer_overlap == "backward" and self._accumulate > 1:
+                raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap='backward' steps each unit during the "
+                                 f"backward and needs accumulate_grad_batches=1 (got {self._accumulate}); use "
+                                 f"'exact'")
             self.streamer = ParamStreamer([], device, prefetch=self.prefetch, pin_memory=self.pin_memory,
-                                          low_precision=lp, keep=keep, shared=shared)
+                                          low_precision=lp, keep=keep, shared=shared, lean=self.offload_optimizer,
+                                          accumulate=self._accumulate > 1)
+            self.streamer.on_unit_grads = self._on_unit_grads
         streamer = self.streamer
         streamer.keep, streamer.shared = keep, shared
         wanted = {(n, id(module.get_submodule(n))) for n in names}
@@ -265,10 +325,10 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert self.plan is not None
         streamer = self.streamer
         host = streamer.host_bytes() if streamer is not None else 0
-        pinned = all(u.pinned for u in streamer.units) if streamer is not None and streamer.units else False
+        pinned = streamer.pinned_bytes() if streamer is not None else 0
         head = (f"SelectiveOffloadStrategy on {self.root_device}: {len(streamer.units) if streamer else 0} streamed "
-                f"modules, {format_bytes(host)} of host buffers allocated"
-                + (" (pinned)" if pinned else "") + f", prefetch {self.prefetch}")
+                f"modules, {format_bytes(host)} of host buffers allocated ({format_bytes(pinned)} pinned), "
+                f"prefetch {self.prefetch}, optimizer overlap {self.optimizer_overlap}")
         return head + "\n" + self.plan.table()
 
     def on_parameters_changed(self, param_map: Any = None) -> None:
@@ -276,6 +336,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         new devices."""
         module = self.lightning_module
         assert module is not None
+        self.drain()
+        self._works.clear()
         if self.streamer is not None:
             self.streamer.release_all()
         self._place(module)
@@ -289,11 +351,215 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         super().setup_optimizers(trainer)
         if self.offload_optimizer:
             for optimizer in self.optimizers:
+                if self.streamer is not None and self.streamer.units:
+                    check_adam(optimizer)
                 use_fused_adam(optimizer)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's state dict once the engine has finished its steps."""
+        self.drain()
+        return super().optimizer_state(optimizer)
+
+    def drain(self) -> None:
+        """Wait for every host engine task (state dict save/load, re-plan, teardown need quiet masters)."""
+        if self.engine is not None:
+            self.engine.drain()
+        if self.streamer is not None:
+            for unit in self.streamer.units:
+                unit.ticket = None
+
+    # ------------------------------------------------------------------ gradient norm and clipping
+    def _streamed_slot(self, p: Tensor) -> Any:
+        streamer = self.streamer
+        return streamer._slot.get(id(p)) if streamer is not None and self.offload_optimizer else None
+
+    def _optimizer_params(self) -> list[Tensor]:
+        out, seen = [], set()
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        out.append(p)
+        return out
+
+    def _param_norms(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per parameter with a gradient (in the optimizers' order): a tensor standing for the gradient's (device,
+        dtype) as `get_total_norm` would group it, and the cached norm of an offloaded one (None for resident)."""
+        keys: list[Tensor] = []
+        cached: list[Tensor | None] = []
+        for p in self._optimizer_params():
+            slot = self._streamed_slot(p)
+            if slot is None:
+                if p.grad is not None:
+                    keys.append(p.grad)
+                    cached.append(None)
+                continue
+            unit, g, i = slot
+            if self._accumulate > 1:
+                self.streamer.await_unit(unit)  # the engine's landing computes the accumulated norms
+            norm = g.norms[i]
+            if norm is not None:
+                keys.append(g.master_views[i])
+                cached.append(norm)
+        return keys, cached
+
+    def total_grad_norm(self) -> Tensor | None:
+        """The global 2-norm of all gradients (resident and offloaded), as `torch.nn.utils.get_total_norm` over the
+        optimizers' parameters computes it: per-parameter norms (offloaded ones taken on the device before their
+        copy) grouped by device and dtype in the same order, then the norm of their stack. Cached until the next
+        backward; None without the host engine (then gradients are ordinary host tensors)."""
+        if self._norm_cache is not None:
+            return self._norm_cache
+        if not self.offload_optimizer or self.streamer is None or not self.streamer.units:
+            return None
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+        keys, cached = self._param_norms()
+        if not keys:
+            return None
+        norms: list[Tensor | None] = [None] * len(keys)
+        grouped = _group_tensors_by_device_and_dtype([keys], with_indices=True)  # type: ignore[list-item]
+        ordered: list[Tensor] = []
+        for (device, _), ([tensors], indices) in grouped.items():
+            if all(cached[j] is None for j in indices):
+                if _has_foreach_support(tensors, device):  # type: ignore[arg-type]
+                    values = list(torch._foreach_norm(tensors, 2.0))  # type: ignore[arg-type]
+                else:
+                    values = [torch.linalg.vector_norm(t, 2.0) for t in tensors]
+            else:
+                values = [cached[j] if cached[j] is not None else torch.linalg.vector_norm(t, 2.0)
+                          for j, t in zip(indices, tensors)]
+            ordered.extend(values)
+        device = self.root_device
+        self._norm_cache = torch.linalg.vector_norm(torch.stack([n.to(device) for n in ordered]), 2.0)
+        return self._norm_cache
+
+    def first_nonfinite_grad(self) -> str | None:
+        """The name of the first parameter whose gradient is not finite (a slow path, for the error message)."""
+        module = self.lightning_module
+        for name, p in module.named_parameters():
+            slot = self._streamed_slot(p)
+            if slot is not None:
+                norm = slot[1].norms[slot[2]]
+                if norm is not None and not bool(torch.isfinite(norm)):
+                    return name
+            elif p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return name
+        return None
+
+    def _clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
+        """Clip by the cached device-side norm: resident gradients are multiplied now (as `clip_grad_norm_` does),
+        offloaded ones inside their unit's step on the engine."""
+        total = self.total_grad_norm()
+        if total is None:
+            type(self.precision_plugin).clip_grad_by_norm(self.precision_plugin, optimizer, clip_val)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if self._streamed_slot(p) is None]
+        torch.nn.utils.clip_grads_with_norm_(params, float(clip_val), total)
+        self._clip_coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
+
+    # ------------------------------------------------------------------ host engine
+    def _work(self, unit: StreamUnit) -> UnitWork:
+        work = self._works.get(id(unit))
+        if work is None or work.unit is not unit:
+            work = self._works[id(unit)] = UnitWork(unit, self._scratch_of)
+        return work
+
+    def _scratch_of(self, numel: int) -> Tensor:
+        """The engine's one fp32 buffer for upcast bf16 gradients (sized to the largest group; tasks run in order)."""
+        if self._scratch is None or self._scratch.numel() < numel:
+            streamer = self.streamer
+            biggest = max((g.numel for u in streamer.units for g in u.groups), default=numel) if streamer else numel
+            self._scratch = torch.empty(max(biggest, numel), dtype=torch.float32)
+        return self._scratch[:numel]
+
+    def _step_plan(self, optimizer: Any) -> StepPlan:
+        hyper: dict[int, GroupHyper] = {}
+        for group in optimizer.param_groups:
+            snapshot = GroupHyper.of(group)
+            for p in group["params"]:
+                if self._streamed_slot(p) is not None:
+                    hyper[id(p)] = snapshot
+        return StepPlan(optimizer=optimizer, hyper=hyper)
+
+    def _owner(self, unit: StreamUnit) -> Any:
+        ids = {id(p) for p in unit.parameters()}
+        for optimizer in self.optimizers:
+            if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+                return optimizer
+        return None
+
+    def _on_unit_grads(self, unit: StreamUnit) -> None:
+        """A unit's gradients of this backward are all issued: land them (accumulation) or, in `backward` overlap
+        mode, step the unit speculatively."""
+        engine = self.engine
+        if engine is None:
+            return
+        event = unit.d2h_done
+        if self._accumulate > 1:
+            work = self._work(unit)
+
+            def land() -> None:
+                wait_event(event)
+                work.land()
+            unit.ticket = engine.submit(land)
+        elif self.optimizer_overlap == "backward":
+            optimizer = self._owner(unit)
+            if optimizer is None:
+                return
+            plan = self._spec_plans.get(id(optimizer))
+            if plan is None:
+                plan = self._spec_plans[id(optimizer)] = self._step_plan(optimizer)
+            work = self._work(unit)
+            self.speculated_units += 1
+
+            def speculate() -> None:
+                wait_event(event)
+                _init_states(plan, unit)
+                work.speculate(plan)
+            unit.ticket = engine.submit(speculate)
+
+    def _release(self, optimizer: Any) -> None:
+        """The optimizer has stepped its resident parameters: hand the offloaded units' steps to the engine, in the
+        order the next forward needs them."""
+        engine, streamer = self.engine, self.streamer
+        assert engine is not None and streamer is not None
+        coef, ready = None, None
+        if self._clip_coef is not None:
+            if self._clip_coef.device.type == "cuda":
+                coef = torch.empty((), dtype=torch.float32, pin_memory=True)
+                coef.copy_(self._clip_coef, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                coef = self._clip_coef
+            self._last_coef = (coef, ready)
+        speculative = self._spec_plans.pop(id(optimizer), None)
+        plan = speculative or self._step_plan(optimizer)
+        for unit in streamer.forward_order():
+            if not any(id(p) in plan.hyper for p in unit.parameters()):
+                continue
+            work, event = self._work(unit), unit.d2h_done
+            if speculative is not None:
+                def settle(work: UnitWork = work) -> None:
+                    wait_event(ready)
+                    if work.settle(plan, coef):
+                        self.redo_units += 1
+                unit.ticket = engine.submit(settle)
+            else:
+                def step(work: UnitWork = work, event: Any = event, unit: StreamUnit = unit) -> None:
+                    wait_event(event)
+                    wait_event(ready)
+                    _init_states(plan, unit)
+                    work.step(plan, coef)
+                unit.ticket = engine.submit(step)
+            unit.d2h_done = None
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Load without Lightning's move to the GPU: `load_state_dict` already puts each state on its parameter's
         device (host for offloaded masters)."""
+        self.drain()
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer.load_state_dict(state)
             state_to_param_devices(optimizer)
@@ -303,9 +569,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.streamer is not None and self.streamer.units:
-            # the bf16 stream copies are re-made lazily, at each unit's next fetch, where the host work overlaps the
-            # GPU's compute of the units before it
-            self.streamer.mark_dirty()
+            if self.engine is not None:
+                self._release(optimizer)
+            else:
+                # the bf16 stream copies are re-made lazily, at each unit's next fetch, where the host work overlaps
+                # the GPU's compute of the units before it
+                self.streamer.mark_dirty()
+            self._clip_coef = None
             self._optimizer_time += time.perf_counter() - self._backward_end
             self._record_stats()
         return out
@@ -315,6 +585,15 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         row = {key: float(value) for key, value in self.streamer.collect_stats().as_dict().items()}
         row["optimizer_s"] = self._optimizer_time
         self._optimizer_time = 0.0
+        if self.engine is not None:
+            row.update(self.engine.collect())
+            row["redo_units"] = float(self.redo_units)
+            row["speculated_units"] = float(self.speculated_units)
+        row["clip_coef"] = float("nan")
+        if self._last_coef is not None:
+            coef, ready = self._last_coef
+            if ready is None or ready.query():
+                row["clip_coef"] = float(coef)
         self.step_stats = [*self.step_stats[-999:], row]
         module = self.lightning_module
         trainer = getattr(module, "_trainer", None)
@@ -349,6 +628,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
 
     def pre_backward(self, closure_loss: Tensor) -> None:
         super().pre_backward(closure_loss)
+        self._norm_cache = None
         if self.streamer is not None:
             self.streamer.pre_backward()
 
@@ -361,12 +641,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     # ------------------------------------------------------------------ checkpoints and teardown
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full fp32 state: offloaded parameters read from their host masters."""
+        self.drain()
         if self.streamer is not None:
             self.streamer.release_all()
         return super().lightning_module_state_dict()
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Weights load into the host masters and resident parameters in place; bf16 stream copies are re-made."""
+        self.drain()
         if self.streamer is not None:
             self.streamer.release_all()
         super().load_model_state_dict(checkpoint, strict=strict)
@@ -379,6 +661,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         Unlike Lightning's default this does not copy the resident parameters and optimizer state to the CPU: with
         the offloaded state already filling host memory, that copy is what runs the host out of memory (call
         `.cpu()` on the module yourself when the GPU copy must go)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self._works.clear()
         if self.streamer is not None:
             self.streamer.remove()
             self.streamer = None
@@ -386,6 +673,16 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+
+def _init_states(plan: StepPlan, unit: StreamUnit) -> None:
+    """Adam's lazy state for the unit's parameters that have a gradient now (engine thread, before their step)."""
+    for g in unit.groups:
+        has = g.acc_has if g.acc is not None else g.got_grad
+        for p, master, grad_has in zip(g.params, g.master_views, has):
+            hyper = plan.hyper.get(id(p))
+            if grad_has and hyper is not None:
+                init_state(plan.optimizer, p, master, hyper.amsgrad)
 
 
 StrategyRegistry.register(SelectiveOffloadStrategy.strategy_name, SelectiveOffloadStrategy,

@@ -8,8 +8,11 @@ can run ahead across the resident block in between), until the estimate fits.
 The estimate counts bytes from parameter shapes only, so it works on the meta device for models far larger than any
 machine (`m6lit plan --config configs/m6-10t.yaml --gpu_memory_budget 80GB --num_gpus 512`). Per parameter, a
 resident one costs fp32 weight + fp32 gradient + optimizer state (+ its bf16 autocast copy under bf16-mixed) on the
-GPU; an offloaded one costs fp32 master + fp32 gradient + optimizer state (+ its bf16 stream copy) on the host and
-only a few blocks' stream copies on the GPU. Activations use a per-token count of the tensors one block saves for
+GPU; an offloaded one costs, with the host engine's lean layout (`host_layout="engine"`), fp32 master + optimizer
+state + its stream-dtype gradient landing buffer on the host (the bf16 stream copy doubles as the landing buffer of
+bf16-streamed parameters; an fp32 accumulator only with gradient accumulation; only what crosses PCIe is pinned), and
+only a few blocks' stream copies on the GPU. Host bytes count the streamer's 64-element alignment, so the estimate
+equals what it allocates. Activations use a per-token count of the tensors one block saves for
 backward (documented in `activation_bytes_per_token`); treat them as an estimate.
 """
 
@@ -29,9 +32,10 @@ import torch
 from torch import nn
 
 from m6lit.model.moe import GroupedExperts
-from m6lit.strategies.streaming import autocast_consumed
+from m6lit.strategies.streaming import ALIGN, autocast_consumed
 
 PRECISIONS = ("32-true", "bf16-mixed")
+HOST_LAYOUTS = ("engine", "engine-backward", "legacy")
 PCIE_BYTES_PER_S = 55e9
 CPU_ADAM_PARAMS_PER_S = 4.26e9
 ASSUMED_FLOPS = 400e12
@@ -236,12 +240,17 @@ class Row:
     layers: list[int] = field(default_factory=list)
     runs: int = 1
     offloaded: bool = False
+    host_lp: int = 0  # aligned elements the streamer lays out in the low-precision stream dtype
+    host_fp: int = 0  # aligned elements streamed in fp32
 
 
-def _measure(module: nn.Module, precision: str, num_gpus: int, seen: set[int]) -> tuple[int, int, int, int]:
+def _measure(module: nn.Module, precision: str, num_gpus: int, seen: set[int],
+             shared: bool = False) -> tuple[int, int, int, int]:
     """(numel, stream bytes, low-precision numel, expert numel) of `module`'s parameters not in `seen` (then added);
-    expert matrices are divided over `num_gpus` as expert parallelism would."""
+    expert matrices are divided over `num_gpus` as expert parallelism would. A shared block (`shared`) streams all
+    in fp32, as the streamer does. `_measure.layout` keeps the aligned (low-precision, fp32) element counts."""
     numel = stream = low = experts = 0
+    aligned_lp = aligned_fp = 0
     for mod in module.modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen:
@@ -252,11 +261,15 @@ def _measure(module: nn.Module, precision: str, num_gpus: int, seen: set[int]) -
                 n = math.ceil(n / num_gpus)
                 experts += n
             numel += n
-            if precision == "bf16-mixed" and autocast_consumed(mod, p_name):
+            padded = -(-n // ALIGN) * ALIGN
+            if precision == "bf16-mixed" and not shared and autocast_consumed(mod, p_name):
                 low += n
                 stream += 2 * n
+                aligned_lp += padded
             else:
                 stream += p.element_size() * n
+                aligned_fp += padded
+    _measure.layout = (aligned_lp, aligned_fp)  # type: ignore[attr-defined]
     return numel, stream, low, experts
 
 
@@ -270,10 +283,10 @@ def _rows(root: nn.Module, precision: str, num_gpus: int) -> list[Row]:
         for i, block in enumerate(blocks):
             layers = [layer for layer, b in enumerate(mapping) if b == i] if mapping is not None else [i]
             runs = sum(1 for j, layer in enumerate(layers) if j == 0 or layers[j - 1] != layer - 1)
-            numel, stream, low, experts = _measure(block, precision, num_gpus, seen)
+            numel, stream, low, experts = _measure(block, precision, num_gpus, seen, shared=len(layers) > 1)
             block_rows.append(Row(f"{blocks_name}.{i}", numel, stream, low, experts, is_block=True,
                                   is_moe=any(isinstance(m, GroupedExperts) for m in block.modules()), layers=layers,
-                                  runs=max(runs, 1)))
+                                  runs=max(runs, 1), host_lp=_measure.layout[0], host_fp=_measure.layout[1]))
     others: list[Row] = []
     for name, mod in root.named_modules():
         if not name or (blocks_name and (name == blocks_name or name.startswith(blocks_name + "."))):
@@ -282,10 +295,12 @@ def _rows(root: nn.Module, precision: str, num_gpus: int) -> list[Row]:
             continue
         numel, stream, low, experts = _measure(mod, precision, num_gpus, seen)
         if numel:
-            others.append(Row(name, numel, stream, low, experts))
+            others.append(Row(name, numel, stream, low, experts, host_lp=_measure.layout[0],
+                              host_fp=_measure.layout[1]))
     numel, stream, low, experts = _measure(root, precision, num_gpus, seen)
     if numel:
-        others.append(Row("(other)", numel, stream, low, experts))
+        others.append(Row("(other)", numel, stream, low, experts, host_lp=_measure.layout[0],
+                          host_fp=_measure.layout[1]))
     return others[:1] + block_rows + others[1:]
 
 
@@ -305,9 +320,10 @@ def _apply_units(root: nn.Module, rows: list[Row], names: Sequence[str], precisi
         rest = Row(row.name + " (rest)", row.numel, row.stream_bytes, row.low_precision_numel, row.expert_numel,
                    is_moe=row.is_moe, layers=row.layers, runs=row.runs)
         for n in inner:
-            numel, stream, low, experts = _measure(root.get_submodule(n), precision, num_gpus, set())
+            numel, stream, low, experts = _measure(root.get_submodule(n), precision, num_gpus, set(),
+                                                   shared=len(row.layers) > 1)
             out.append(Row(n, numel, stream, low, experts, is_moe=row.is_moe, layers=row.layers, runs=row.runs,
-                           offloaded=True))
+                           offloaded=True, host_lp=_measure.layout[0], host_fp=_measure.layout[1]))
             rest.numel -= numel
             rest.stream_bytes -= stream
             rest.low_precision_numel -= low
@@ -349,8 +365,14 @@ class MemoryEstimate:
 
 def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed", micro_batch_tokens: int = 8192,
              prefetch: int = 1, optimizer_state_bytes: int = 8, accumulate_grad_batches: int = 1,
-             reserve_bytes: int = 2 * 2**30, buffer_bytes: int = 0) -> MemoryEstimate:
-    """Memory per GPU and host, and PCIe bytes per optimizer step, for the placement in `rows`."""
+             reserve_bytes: int = 2 * 2**30, buffer_bytes: int = 0, host_layout: str = "engine") -> MemoryEstimate:
+    """Memory per GPU and host, and PCIe bytes per optimizer step, for the placement in `rows`.
+
+    `host_layout`: `engine` (the host engine's lean buffers), `engine-backward` (plus the backup copy of master and
+    Adam state that `optimizer_overlap: backward` keeps per unit while it speculates) or `legacy` (host fp32
+    gradients exposed as `.grad`: every buffer pinned, an fp32 gradient per parameter)."""
+    if host_layout not in HOST_LAYOUTS:
+        raise ValueError(f"host_layout={host_layout!r}: choose one of {HOST_LAYOUTS}")
     res = [r for r in rows if not r.offloaded]
     off = [r for r in rows if r.offloaded]
     n_res = sum(r.numel for r in res)
@@ -372,11 +394,23 @@ def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed",
            "buffers": float(buffer_bytes), "CUDA context and workspace": float(reserve_bytes)}
     lp_off = sum(r.low_precision_numel for r in off) if precision == "bf16-mixed" else 0
     fp_off = n_off - lp_off
-    stage32 = 4.0 * fp_off if accumulate_grad_batches > 1 else 0.0
-    host = {"fp32 masters": 4.0 * n_off, "gradients (fp32)": 4.0 * n_off,
-            "optimizer state": float(optimizer_state_bytes * n_off), "bf16 stream copies": 2.0 * lp_off,
-            "gradient stage": stage32}
-    pinned = 8.0 * n_off + 2.0 * lp_off + stage32
+    if host_layout == "legacy":
+        stage32 = 4.0 * fp_off if accumulate_grad_batches > 1 else 0.0
+        host = {"fp32 masters": 4.0 * n_off, "gradients (fp32)": 4.0 * n_off,
+                "optimizer state": float(optimizer_state_bytes * n_off), "bf16 stream copies": 2.0 * lp_off,
+                "gradient stage": stage32}
+        pinned = 8.0 * n_off + 2.0 * lp_off + stage32
+    else:
+        a_lp = sum(r.host_lp for r in off)
+        a_fp = sum(r.host_fp for r in off)
+        accumulate = accumulate_grad_batches > 1
+        scratch = 0 if accumulate else 4 * max((r.host_lp for r in off), default=0)
+        host = {"fp32 masters": 4.0 * (a_lp + a_fp), "optimizer state": float(optimizer_state_bytes * n_off),
+                "bf16 stream copies (and gradient landing)": 2.0 * a_lp, "fp32 gradient landing": 4.0 * a_fp,
+                "fp32 accumulators": 4.0 * (a_lp + a_fp) if accumulate else 0.0, "engine scratch": float(scratch),
+                "speculation backup": float((4 + optimizer_state_bytes) * n_off)
+                if host_layout == "engine-backward" else 0.0}
+        pinned = 2.0 * a_lp + 8.0 * a_fp
     micro = max(accumulate_grad_batches, 1)
     h2d = sum(r.stream_bytes * 2 * r.runs for r in off) * micro
     d2h = sum(r.stream_bytes for r in off) * micro
@@ -494,7 +528,7 @@ def plan_offload(root: nn.Module, gpu_memory_budget: int | str | None = None,
                  offload: Sequence[str] | None = None, *, precision: str = "bf16-mixed",
                  micro_batch_tokens: int = 8192, prefetch: int = 1, optimizer_state_bytes: int = 8,
                  accumulate_grad_batches: int = 1, host_memory_budget: int | str | None = None,
-                 num_gpus: int = 1, reserve_bytes: int = 2 * 2**30) -> OffloadPlan:
+                 num_gpus: int = 1, reserve_bytes: int = 2 * 2**30, host_layout: str = "engine") -> OffloadPlan:
     """Placement for `root` (a LightningModule or any module; meta tensors are fine) from `offload` patterns or a
     `gpu_memory_budget`, with its memory estimate. Raises ValueError when the budget cannot hold even the resident
     minimum (everything but the streamable blocks, plus the first and last layers' blocks) or the host budget is
@@ -509,7 +543,7 @@ def plan_offload(root: nn.Module, gpu_memory_budget: int | str | None = None,
     kwargs: dict[str, Any] = {"precision": precision, "micro_batch_tokens": micro_batch_tokens, "prefetch": prefetch,
                               "optimizer_state_bytes": optimizer_state_bytes,
                               "accumulate_grad_batches": accumulate_grad_batches, "reserve_bytes": reserve_bytes,
-                              "buffer_bytes": buffers}
+                              "buffer_bytes": buffers, "host_layout": host_layout}
     budget = parse_bytes(gpu_memory_budget) if gpu_memory_budget is not None else None
     host_budget = parse_bytes(host_memory_budget) if host_memory_budget is not None else None
     if offload is not None:
@@ -521,10 +555,11 @@ def plan_offload(root: nn.Module, gpu_memory_budget: int | str | None = None,
         names = []
     est = estimate(rows, config, **kwargs)
     if host_budget is not None and est.host_total > host_budget:
-        raise ValueError(f"host_memory_budget={format_bytes(host_budget)} is exceeded: the offloaded "
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.host.items() if v)
+        raise ValueError(f"host_memory_budget={format_bytes(host_budget)} is exceeded by "
+                         f"{format_bytes(est.host_total - host_budget)}: the offloaded "
                          f"{format_count(est.offloaded_params)} parameters need {format_bytes(est.host_total)} of host "
-                         f"memory (fp32 master, gradient and optimizer state each); offload fewer modules or raise "
-                         f"the host budget")
+                         f"memory ({parts}); offload fewer modules or raise the host budget (nothing was allocated)")
     return OffloadPlan(offload=names, rows=rows, estimate=est, gpu_memory_budget=budget,
                        host_memory_budget=host_budget, config=config, num_gpus=num_gpus)
 

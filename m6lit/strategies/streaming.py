@@ -65,7 +65,8 @@ def unregister_host_memory(tensor: Tensor) -> None:
 class StreamStats:
     """Counters since the last `collect_stats`: bytes each way, copies issued, time the compute waited for copies
     (`stall_s`), time the host waited for gradient copies (`host_wait_s`), and host time adding gradients into
-    the fp32 accumulators (`accumulate_s`) and re-making bf16 stream copies (`refresh_s`)."""
+    the fp32 accumulators (`accumulate_s`) and re-making bf16 stream copies (`refresh_s`), and time the main thread
+    waited for the host engine to finish a unit before fetching it (`engine_wait_s`, the exposed host time)."""
 
     h2d_bytes: int = 0
     d2h_bytes: int = 0
@@ -74,11 +75,12 @@ class StreamStats:
     host_wait_s: float = 0.0
     accumulate_s: float = 0.0
     refresh_s: float = 0.0
+    engine_wait_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {"h2d_bytes": float(self.h2d_bytes), "d2h_bytes": float(self.d2h_bytes), "fetches": float(self.fetches),
                 "stall_s": self.stall_s, "host_wait_s": self.host_wait_s, "accumulate_s": self.accumulate_s,
-                "refresh_s": self.refresh_s}
+                "refresh_s": self.refresh_s, "engine_wait_s": self.engine_wait_s}
 
 
 @dataclass
@@ -103,6 +105,9 @@ class _Group:
     had_grad: list[bool] = field(default_factory=list)
     got_grad: list[bool] = field(default_factory=list)
     target: Tensor | None = None
+    grad32: Tensor | None = None  # lean layout: pinned landing buffer of fp32-streamed gradients
+    acc_has: list[bool] = field(default_factory=list)
+    norms: list[Tensor | None] = field(default_factory=list)
 
     def views(self, flat: Tensor) -> list[Tensor]:
         return [flat[o:o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
@@ -129,12 +134,21 @@ class _Group:
     def device_flats(self) -> list[Tensor]:
         return [t for t in (self.device_flat, self.device_full) if t is not None]
 
+    def host_buffers(self) -> list[Tensor]:
+        out = [self.master] + ([self.staging] if self.staging is not self.master else [])
+        return out + [t for t in (self.acc, self.stage32, self.grad32) if t is not None]
+
     def host_nbytes(self) -> int:
-        extra = [t for t in (self.acc, self.stage32) if t is not None]
-        own = self.master.numel() * self.master.element_size()
-        if self.staging is not self.master:
-            own += self.staging.numel() * self.staging.element_size()
-        return own + sum(t.numel() * t.element_size() for t in extra)
+        return sum(t.numel() * t.element_size() for t in self.host_buffers())
+
+    def pinned_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host_buffers() if t.is_pinned())
+
+    def copied_nbytes(self) -> int:
+        """Bytes of the buffers that cross PCIe (the stream copy and the gradient landing): what is pinned under CUDA
+        in the lean layout."""
+        copied = [self.staging] + ([self.grad32] if self.grad32 is not None else [])
+        return sum(t.numel() * t.element_size() for t in copied)
 
 
 @dataclass
@@ -154,6 +168,9 @@ class StreamUnit:
     pending: set[int] = field(default_factory=set)
     grads_done: bool = False
     registered: list[Tensor] = field(default_factory=list)
+    ticket: Any = None  # the host engine's last task for this unit: the fetch waits for it
+    d2h_done: Any = None  # CUDA event after the unit's last gradient copy of this backward
+    grads_reported: bool = False
 
     @property
     def stream_nbytes(self) -> int:
@@ -184,11 +201,17 @@ class ParamStreamer:
             that dtype (`autocast_consumed`) stream as copies in it; None streams everything in its own dtype.
         shared: names of units that run more than once per pass (shared blocks). They stream in full precision: a
             bf16 leaf would sum its per-use gradients in bf16, where autocast's per-use casts sum them in fp32.
+        lean: the host engine's layout (`host_engine.HostEngine` steps the units): only what is copied is pinned
+            (bf16 stream copies, fp32-streamed masters and their gradient landing buffers), gradients are not exposed
+            as `.grad` but left where they land for the engine, each parameter's gradient norm is taken on the
+            device before its copy, and there is no fp32 accumulator unless `accumulate`.
+        accumulate: (lean) gradients of several micro-batches add up in host fp32 accumulators.
     """
 
     def __init__(self, units: Sequence[tuple[str, nn.Module]], device: torch.device, *, prefetch: int = 1,
                  pin_memory: bool = True, low_precision: torch.dtype | None = None,
-                 keep: set[int] | None = None, shared: Iterable[str] = ()) -> None:
+                 keep: set[int] | None = None, shared: Iterable[str] = (), lean: bool = False,
+                 accumulate: bool = False) -> None:
         if prefetch < 0:
             raise ValueError(f"ParamStreamer prefetch={prefetch}: must be >= 0")
         self.device = torch.device(device)
@@ -200,6 +223,9 @@ class ParamStreamer:
         self.low_precision = low_precision
         self.keep = set(keep or ())
         self.shared = set(shared)
+        self.lean = lean
+        self.accumulate = accumulate
+        self.on_unit_grads: Callable[[StreamUnit], None] | None = None
         self.units: list[StreamUnit] = []
         self.stats = StreamStats()
         self._slot: dict[int, tuple[StreamUnit, _Group, int]] = {}
@@ -244,7 +270,7 @@ class ParamStreamer:
         self._next_index += 1
         for dtype, items in by_dtype.items():
             unit.groups.append(self._build_group(unit, dtype, items))
-        unit.pinned = self.pin_memory and all(g.master.is_pinned() for g in unit.groups)
+        unit.pinned = self.pin_memory and all(g.staging.is_pinned() for g in unit.groups)
         self.units.append(unit)
         self._by_index[unit.index] = unit
         for g in unit.groups:
@@ -266,7 +292,8 @@ class ParamStreamer:
         master_dtype = params[0].dtype
         if any(p.dtype != master_dtype for p in params):
             raise ValueError(f"ParamStreamer: unit {unit.name} mixes parameter dtypes in one stream group")
-        master = self._host_empty(unit, total, master_dtype).zero_()
+        copied = dtype == master_dtype or not self.lean  # the lean layout pins only what crosses PCIe
+        master = self._host_empty(unit, total, master_dtype, pin=copied).zero_()
         staging = master if dtype == master_dtype else self._host_empty(unit, total, dtype).zero_()
         device_flat = torch.empty(total, dtype=dtype, device=self.device)
         group = _Group(dtype=dtype, params=params, names=[n for n, _ in items], offsets=offsets, numel=total,
@@ -283,14 +310,22 @@ class ParamStreamer:
         group.staging_valid = staging is master
         group.had_grad = [False] * len(params)
         group.got_grad = [False] * len(params)
+        group.acc_has = [False] * len(params)
+        group.norms = [None] * len(params)
+        if self.lean:
+            if not group.low_precision:
+                group.grad32 = self._host_empty(unit, total, master_dtype).zero_()
+            if self.accumulate:
+                group.acc = self._host_empty(unit, total, master_dtype, pin=False).zero_()
         return group
 
-    def _host_empty(self, unit: StreamUnit, numel: int, dtype: torch.dtype) -> Tensor:
+    def _host_empty(self, unit: StreamUnit, numel: int, dtype: torch.dtype, pin: bool = True) -> Tensor:
         tensor = torch.empty(numel, dtype=dtype)
-        if self.pin_memory and not register_host_memory(tensor):
+        if not (pin and self.pin_memory):
+            return tensor
+        if not register_host_memory(tensor):
             return torch.empty(numel, dtype=dtype, pin_memory=True)
-        if self.pin_memory:
-            unit.registered.append(tensor)
+        unit.registered.append(tensor)
         return tensor
 
     def remove_unit(self, unit: StreamUnit, to_device: bool = False) -> None:
@@ -334,6 +369,18 @@ class ParamStreamer:
 
     def host_bytes(self) -> int:
         return sum(g.host_nbytes() for u in self.units for g in u.groups)
+
+    def pinned_bytes(self) -> int:
+        return sum(g.pinned_nbytes() for u in self.units for g in u.groups)
+
+    def copied_bytes(self) -> int:
+        return sum(g.copied_nbytes() for u in self.units for g in u.groups)
+
+    def forward_order(self) -> list[StreamUnit]:
+        """Units in the order the last pass first used them, then any not used."""
+        order = [self._by_index[i] for i in dict.fromkeys(self._prev_trace or self._trace) if i in self._by_index]
+        seen = {id(u) for u in order}
+        return order + [u for u in self.units if id(u) not in seen]
 
     # ------------------------------------------------------------------ passes and state changes
     def begin_pass(self) -> None:
@@ -379,6 +426,8 @@ class ParamStreamer:
             if full == unit.full:
                 return
             self._release(unit)
+        if self.lean:
+            self.await_unit(unit)
         unit.full = full
         plan = []
         for g in unit.groups:
@@ -417,6 +466,15 @@ class ParamStreamer:
             self.stats.h2d_bytes += src.numel() * src.element_size()
         unit.live = True
         self.stats.fetches += 1
+
+    def await_unit(self, unit: StreamUnit) -> None:
+        """Wait until the host engine has finished with the unit (its masters and stream copies are current)."""
+        ticket = unit.ticket
+        if ticket is not None:
+            start = time.perf_counter()
+            ticket.wait()
+            self.stats.engine_wait_s += time.perf_counter() - start
+            unit.ticket = None
 
     def _ensure_live(self, unit: StreamUnit, full: bool | None = None) -> None:
         """Make the unit usable on the current stream: fetch it if needed, then wait for its copy."""
@@ -537,6 +595,8 @@ class ParamStreamer:
         target = g.target if g.target is not None else self._choose_target(unit, g)
         view = target[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape)
         grad = p.grad
+        if self.lean and not self.accumulate:
+            g.norms[i] = self._norm(grad)
         if self.cuda:
             self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h_stream):
@@ -552,10 +612,37 @@ class ParamStreamer:
         if not unit.pending:
             unit.grads_done = True
             self._release(unit)
+            if self.lean:
+                self._report_grads(unit)
+
+    def _norm(self, grad: Tensor) -> Tensor:
+        """The gradient's 2-norm in fp32 on the compute stream (on the CPU path from an fp32 copy, so it is the very
+        number `get_total_norm` computes from the host fp32 gradient)."""
+        if self.cuda:
+            return torch.linalg.vector_norm(grad, dtype=torch.float32)
+        return torch.linalg.vector_norm(grad.float())
+
+    def _report_grads(self, unit: StreamUnit) -> None:
+        if unit.grads_reported:
+            return
+        unit.grads_reported = True
+        if self.cuda:
+            unit.d2h_done = torch.cuda.Event()
+            unit.d2h_done.record(self.d2h_stream)
+        if self.on_unit_grads is not None:
+            self.on_unit_grads(unit)
 
     def _choose_target(self, unit: StreamUnit, g: _Group) -> Tensor:
         """Where this backward's gradients land on the host: the bf16 stream copy (then upcast), the fp32
-        accumulator itself, or an fp32 stage when adding to gradients already accumulated."""
+        accumulator itself, or an fp32 stage when adding to gradients already accumulated (lean layout: the bf16 stream
+        copy or the fp32 landing buffer; the engine accumulates)."""
+        if self.lean:
+            if g.low_precision:
+                g.staging_valid = False
+                g.target = g.staging
+            else:
+                g.target = g.grad32
+            return g.target
         if g.acc is None:
             g.acc = self._host_empty(unit, g.numel, g.master.dtype).zero_()  # pinned: fp32 gradients land here
         if g.staging is not g.master:
@@ -575,7 +662,11 @@ class ParamStreamer:
         for u in self.units:
             u.pending = {id(p) for p in u.parameters() if p.requires_grad}
             u.grads_done = False
+            u.grads_reported = False
+            if self.lean:
+                self.await_unit(u)  # a landing from the last micro-batch must be done before this one's copies
             for g in u.groups:
+                g.norms = [None] * len(g.params)
                 g.had_grad = [p.grad is not None for p in g.params]
                 g.got_grad = [False] * len(g.params)
                 g.target = None
@@ -587,6 +678,14 @@ class ParamStreamer:
         self._backward_callback_queued = False
         self._in_backward = False
         self.release_all()
+        if self.lean:
+            for u in self.units:
+                if any(any(g.got_grad) for g in u.groups):
+                    self._report_grads(u)
+                for g in u.groups:
+                    g.target = None
+            self.begin_pass()
+            return
         start = time.perf_counter()
         if self.cuda:
             self.d2h_stream.synchronize()
