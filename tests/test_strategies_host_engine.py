@@ -1,0 +1,172 @@
+"""HostEngine through SelectiveOffloadStrategy on the CPU path: every overlap mode trains bitwise like resident
+training with clipping that triggers, the engine's schedule (inline, threaded, threaded with random delays) changes
+no bit, `total_grad_norm()` is `get_total_norm`'s number, and the engine's own queue keeps order and re-raises
+errors."""
+
+from __future__ import annotations
+
+import threading
+
+import lightning as L
+import pytest
+import torch
+from _fakes import fit, tiny_config
+
+from m6lit.module import M6LitModule
+from m6lit.strategies import SelectiveOffloadStrategy
+from m6lit.strategies.host_engine import HostEngine
+
+HALF = ["model.blocks.[1-2]"]
+CLIP = 0.5  # the tiny model's gradient norm is ~1.6: every step clips
+
+
+def _module(optimizer=None, **overrides) -> M6LitModule:
+    torch.manual_seed(0)
+    return M6LitModule(tiny_config(**overrides), warmup_steps=2,
+                       optimizer=optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True)))
+
+
+def _state(module: M6LitModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _optimizer_state(trainer: L.Trainer) -> list[torch.Tensor]:
+    opt = trainer.optimizers[0]
+    return [t.clone() for group in opt.param_groups for p in group["params"]
+            for t in opt.state[p].values()] if opt.state else []
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _offloaded(steps: int = 4, delay: float = 0.0, **kwargs):
+    strategy = SelectiveOffloadStrategy(offload=HALF, **{k: v for k, v in kwargs.items()
+                                                         if k in ("optimizer_overlap", "engine")})
+    strategy.engine_max_delay_s = delay
+    module = _module()
+    trainer, rec = fit(module, steps, strategy=strategy, gradient_clip_val=CLIP,
+                       **{k: v for k, v in kwargs.items() if k == "accumulate_grad_batches"})
+    return module, trainer, rec, strategy
+
+
+@pytest.mark.parametrize("mode,accumulate", [("exact", 1), ("exact", 2), ("backward", 1)])
+def test_every_mode_with_clipping_is_bitwise_identical_to_resident(mode: str, accumulate: int) -> None:
+    reference = _module()
+    ref_trainer, ref = fit(reference, 4, gradient_clip_val=CLIP, accumulate_grad_batches=accumulate)
+    module, trainer, rec, strategy = _offloaded(optimizer_overlap=mode, accumulate_grad_batches=accumulate)
+    coefs = [row["clip_coef"] for row in strategy.step_stats[1:]]
+    assert coefs and all(c < 1.0 for c in coefs), f"clipping must trigger in this test: {coefs}"
+    assert rec.rows == ref.rows
+    assert _same(_state(module), _state(reference))
+    assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer)), "Adam state lives in the user's optimizer"
+    if mode == "backward":
+        assert strategy.redo_units == strategy.speculated_units > 0, "every clipped unit is redone"
+
+
+def test_backward_mode_without_clipping_keeps_its_speculative_steps() -> None:
+    reference = _module()
+    fit(reference, 3)
+    strategy = SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="backward")
+    module = _module()
+    fit(module, 3, strategy=strategy)
+    assert strategy.speculated_units > 0 and strategy.redo_units == 0
+    assert _same(_state(module), _state(reference))
+
+
+def test_inline_threaded_and_randomly_delayed_engines_give_identical_bits() -> None:
+    runs = [_offloaded(engine="inline"), _offloaded(engine="thread"), _offloaded(engine="thread", delay=0.003)]
+    states = [_state(m) for m, _, _, _ in runs]
+    opt_states = [_optimizer_state(t) for _, t, _, _ in runs]
+    assert runs[0][2].rows == runs[1][2].rows == runs[2][2].rows
+    assert _same(states[0], states[1]) and _same(states[0], states[2])
+    assert _same(opt_states[0], opt_states[1]) and _same(opt_states[0], opt_states[2])
+    assert runs[1][3].step_stats[-1]["engine_tasks"] > 0
+
+
+class _NormProbe(L.Callback):
+    """Before each optimizer step: the strategy's norm and `get_total_norm` over the same fp32 gradients (host
+    landing buffers for offloaded parameters, `.grad` for resident ones), in the optimizer's order."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        strategy = trainer.strategy
+        grads = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                slot = strategy.streamer._slot.get(id(p))
+                if slot is None:
+                    if p.grad is not None:
+                        grads.append(p.grad)
+                    continue
+                _, g, i = slot
+                if g.got_grad[i]:
+                    flat = g.grad32 if g.grad32 is not None else g.staging.float()
+                    grads.append(g.views(flat)[i].clone())
+        self.pairs.append((strategy.total_grad_norm().clone(), torch.nn.utils.get_total_norm(grads)))
+
+
+def test_total_grad_norm_equals_get_total_norm() -> None:
+    probe = _NormProbe()
+    fit(_module(), 3, strategy=SelectiveOffloadStrategy(offload=HALF), callbacks=[probe], gradient_clip_val=CLIP)
+    assert len(probe.pairs) == 3
+    for ours, reference in probe.pairs:
+        assert torch.equal(ours, reference), (ours, reference)
+
+
+def test_nonfinite_gradient_names_an_offloaded_parameter() -> None:
+    class Poison(L.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            _, g, i = trainer.strategy.streamer._slot[id(pl_module.model.blocks[1].attn.qkv.weight)]
+            g.norms[i] = torch.tensor(float("nan"))
+            trainer.strategy._norm_cache = None
+
+    with pytest.raises(FloatingPointError, match=r"first in model\.blocks\.1\.attn\.qkv\.weight"):
+        fit(_module(), 2, strategy=SelectiveOffloadStrategy(offload=HALF), callbacks=[Poison()])
+
+
+def test_bad_modes_and_optimizers_are_refused() -> None:
+    with pytest.raises(ValueError, match="optimizer_overlap='sometimes'"):
+        SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="sometimes")
+    with pytest.raises(ValueError, match="engine='process'"):
+        SelectiveOffloadStrategy(offload=HALF, engine="process")
+    with pytest.raises(ValueError, match="needs accumulate_grad_batches=1"):
+        fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="backward"),
+            accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="optimizer is SGD; use Adam/AdamW or set offload_optimizer: false"):
+        fit(_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), 1, strategy=SelectiveOffloadStrategy(offload=HALF))
+
+
+def test_other_optimizers_train_on_the_main_thread_without_the_engine() -> None:
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    reference = _module(optimizer=sgd)
+    _, ref = fit(reference, 3, gradient_clip_val=CLIP)
+    module = _module(optimizer=sgd)
+    strategy = SelectiveOffloadStrategy(offload=HALF, offload_optimizer=False)
+    _, rec = fit(module, 3, strategy=strategy, gradient_clip_val=CLIP)
+    assert strategy.total_grad_norm() is None
+    assert rec.rows == ref.rows and _same(_state(module), _state(reference))
+
+
+def test_engine_runs_tasks_in_order_on_its_thread_and_reraises_errors() -> None:
+    engine = HostEngine(threads=1, max_delay_s=0.002, seed=3)
+    seen: list[tuple[int, str]] = []
+    tickets = [engine.submit(lambda i=i: seen.append((i, threading.current_thread().name))) for i in range(8)]
+    tickets[-1].wait()
+    assert [i for i, _ in seen] == list(range(8)) and {n for _, n in seen} == {"m6lit-host-engine"}
+
+    def boom() -> None:
+        raise KeyError("unit 3")
+    bad = engine.submit(boom)
+    with pytest.raises(RuntimeError, match="host optimizer engine task failed: KeyError"):
+        bad.wait()
+    engine.submit(lambda: None)
+    engine.close()
+    inline = HostEngine(inline=True)
+    order: list[str] = []
+    inline.submit(lambda: order.append(threading.current_thread().name))
+    assert order == [threading.current_thread().name] and inline.collect()["engine_tasks"] == 1
