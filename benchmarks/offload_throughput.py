@@ -1,29 +1,33 @@
-"""Selective CPU offload throughput on one GPU: tokens/s and peak GPU memory, bf16-mixed.
+"""Selective CPU offload throughput on one GPU, all cases in one run (only same-run ratios count), bf16-mixed.
 
-Cases on one ~2.6B-parameter dense model (d_model 2560, 32 blocks, SwiGLU d_ff 6912, vocab 32000, 4×2048 tokens):
+Cases on one ~2.6B-parameter dense model (d_model 2560, 32 blocks, SwiGLU d_ff 6912, vocab 32000, 4x2048 tokens),
+each with gradient clipping off and at 1.0:
   a  all resident (Lightning's single-device strategy)
-  b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31])
-  c  every block streamed (model.blocks.[0-31])
-  d  PyTorch FSDP2 fully_shard per block + root with CPUOffloadPolicy(pin_memory=True), bf16 params, fused AdamW
-and
-  e  a larger model placed by the automatic plan (gpu_memory_budget) on 1 GPU + host memory.
-Each case runs `--warmup` steps, then times `--steps` steps (synchronised per step); offload cases also report the
-strategy's per-step counters (H2D/D2H bytes, time the compute waited for copies, host-side optimizer time).
-Results merge into benchmarks/results/offload_throughput.json (a rerun of some cases keeps the others); a PNG and
-a table are written from the merged file.
+  b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31]): optimizer_overlap exact and
+     backward
+  c  every block streamed (model.blocks.[0-31]): exact and backward
+  d  PyTorch FSDP2 fully_shard per block + root with CPUOffloadPolicy(pin_memory=True), world size 1
+  e  the >=12B recipe: the model of configs/offload-12b.yaml (if present; else d_model 5120, 38 blocks, ~12.2B),
+     placed by gpu_memory_budget, block activation checkpointing when M6Config has it, one large micro-batch
+Per case: tokens/s, ratio to (a) at the same clipping, MFU (6NT over 989 and over the measured 790 TFLOP/s), the
+time the GPU waited for the host engine (exposed host time), copy stall, PCIe bytes, engine busy time, how often
+clipping scaled the gradients, peak GPU memory, host RSS, pinned bytes, and for (e) the plan's estimates beside the
+measured figures. Writes benchmarks/results/offload_throughput.json (stamped with git revision, torch version and
+device by this script) and a PNG, and prints a table.
 
-    python benchmarks/offload_throughput.py --cases abcd [--steps 4] [--warmup 2]
-    python benchmarks/offload_throughput.py --cases e --e_layers 32 --e_d_model 5120 --e_budget 130GB
+    python benchmarks/offload_throughput.py            # everything, one H200 (~7 min)
+    python benchmarks/offload_throughput.py --quick    # a tiny version on the CPU in seconds (checks the script)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -35,12 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m6lit.model import M6Config, M6Model, lm_loss
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "offload_throughput.json"
-PEAK_BF16 = 989e12  # H200 SXM dense bf16 datasheet figure (a lead); 790e12 was measured on random data
+RECIPE = ROOT / "configs" / "offload-12b.yaml"
+PEAK_BF16 = 989e12  # H200 SXM dense bf16 datasheet figure
+MEASURED_BF16 = 790e12  # bf16 matmul rate measured on the H200 on random data
 
 
-def model_config(d_model: int = 2560, layers: int = 32, heads: int = 20, d_ff: int = 6912, seq: int = 2048) -> M6Config:
-    return M6Config(vocab_size=32000, d_model=d_model, n_heads=heads, d_ff=d_ff, num_layers=layers,
+def model_config(d_model: int = 2560, layers: int = 32, heads: int = 20, d_ff: int = 6912, seq: int = 2048,
+                 vocab: int = 32000) -> M6Config:
+    return M6Config(vocab_size=vocab, d_model=d_model, n_heads=heads, d_ff=d_ff, num_layers=layers,
                     moe_layers="none", max_seq_len=seq, image_size=32, patch_size=8, tie_embeddings=True)
 
 
@@ -68,6 +76,54 @@ class _Cycle(torch.utils.data.Dataset):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def host_rss() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in bytes."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) * 1024
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def stamp() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        rev, dirty = "unknown", False
+    return {"git_rev": rev + ("-dirty" if dirty else ""), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "host_cores": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def recipe_config(quick: bool) -> tuple[M6Config, int, str]:
+    """The (e) model, its micro-batch and where its shape came from."""
+    if quick:
+        return model_config(d_model=64, layers=4, heads=4, d_ff=128, seq=32, vocab=256), 2, "quick"
+    fields = {f.name for f in dataclasses.fields(M6Config)}
+    source = "default d_model 5120, 38 layers"
+    overrides: dict = {}
+    if RECIPE.is_file():
+        import yaml
+
+        overrides = dict(((yaml.safe_load(RECIPE.read_text()) or {}).get("model") or {}).get("config") or {})
+        source = str(RECIPE.relative_to(ROOT))
+    config = model_config(d_model=5120, layers=38, heads=40, d_ff=13824)
+    values = {f: getattr(config, f) for f in fields}
+    values.update({k: v for k, v in overrides.items() if k in fields})
+    if "activation_checkpointing" in fields and "activation_checkpointing" not in overrides:
+        values["activation_checkpointing"] = "all"
+    config = M6Config(**values)
+    checkpointed = getattr(config, "activation_checkpointing", None) is not None
+    batch = 16 if checkpointed else 2  # one large micro-batch needs block checkpointing
+    return config, batch, source
+
+
+
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -85,7 +141,7 @@ def _cleanup() -> None:
 
 
 def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dict | None, steps: int, warmup: int,
-                   accumulate: int = 1) -> dict:
+                   clip: float | None) -> dict:
     """Train `warmup + steps` optimizer steps through Lightning; time the last `steps`."""
     import lightning as L
 
@@ -100,52 +156,67 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
     params = sum(p.numel() for p in module.parameters())
     times: list[float] = []
     peak: list[int] = []
+    norms: list[float] = []
+    extra: dict = {}
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx) -> None:
-            if batch_idx % accumulate == 0:
-                _sync()
-                self.t0 = time.perf_counter()
-                if trainer.global_step == warmup:
-                    _cleanup()
+            _sync()
+            self.t0 = time.perf_counter()
+            if trainer.global_step == warmup:
+                _cleanup()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx) -> None:
-            if (batch_idx + 1) % accumulate == 0:
-                _sync()
-                if trainer.global_step > warmup:
-                    times.append(time.perf_counter() - self.t0)
-                    peak.append(_peak())
+            _sync()
+            if trainer.global_step > warmup:
+                times.append(time.perf_counter() - self.t0)
+                peak.append(_peak())
+                norm = trainer.callback_metrics.get("train/grad_norm")
+                if norm is not None:
+                    norms.append(float(norm))
+            streamer = getattr(trainer.strategy, "streamer", None)
+            if streamer is not None:
+                extra["pinned_bytes"] = streamer.pinned_bytes()
+                extra["host_buffer_bytes"] = streamer.host_bytes()
 
     strategy = SelectiveOffloadStrategy(**strategy_kwargs) if strategy_kwargs is not None else "auto"
-    trainer = L.Trainer(max_steps=warmup + steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        strategy=strategy, callbacks=[Timer()], accumulate_grad_batches=accumulate,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    data = _Cycle(batches(config, batch), (warmup + steps) * accumulate)
+    trainer = L.Trainer(max_steps=warmup + steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
+                        precision="bf16-mixed", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, strategy=strategy, callbacks=[Timer()], num_sanity_val_steps=0,
+                        limit_val_batches=0, gradient_clip_val=clip)
+    data = _Cycle(batches(config, batch), warmup + steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
     t_setup = time.perf_counter()
     trainer.fit(module, loader)
     wall = time.perf_counter() - t_setup
-    tokens = batch * config.max_seq_len * accumulate
+    tokens = batch * config.max_seq_len
     step_s = statistics.median(times)
+    rss, rss_peak = host_rss()
     row = {"case": name, "params": params, "tokens_per_step": tokens, "step_s": step_s, "steps_timed": len(times),
            "step_times": times, "tokens_per_s": tokens / step_s, "peak_gpu_bytes": max(peak),
-           "mfu": 6 * params * tokens / step_s / PEAK_BF16, "wall_s": wall, "accumulate_grad_batches": accumulate}
+           "mfu": 6 * params * tokens / step_s / PEAK_BF16, "mfu_measured_peak": 6 * params * tokens / step_s /
+           MEASURED_BF16, "wall_s": wall, "clip": clip, "host_rss_bytes": rss, "host_rss_peak_bytes": rss_peak,
+           "clip_trigger_rate": (sum(n > clip for n in norms) / len(norms)) if clip and norms else 0.0, **extra}
     if isinstance(strategy, SelectiveOffloadStrategy):
         stats = strategy.step_stats[-len(times):]
-        for key in ("h2d_bytes", "d2h_bytes", "stall_s", "host_wait_s", "accumulate_s", "refresh_s", "optimizer_s",
-                    "fetches"):
-            row[key] = statistics.mean(s[key] for s in stats)
+        for key in ("h2d_bytes", "d2h_bytes", "stall_s", "host_wait_s", "engine_wait_s", "engine_busy_s",
+                    "refresh_s", "optimizer_s", "fetches"):
+            row[key] = statistics.mean(s.get(key, 0.0) for s in stats)
+        row["pcie_bytes"] = row["h2d_bytes"] + row["d2h_bytes"]
+        row["redo_units"] = strategy.redo_units
+        row["speculated_units"] = strategy.speculated_units
         plan = strategy.plan
+        row["mode"] = strategy.optimizer_overlap
         row["offloaded_params"] = plan.estimate.offloaded_params if plan else None
-        row["offload"] = plan.offload if plan else None
         row["estimated_gpu_bytes"] = plan.estimate.gpu_total if plan else None
+        row["estimated_host_bytes"] = plan.estimate.host_total if plan else None
+        row["estimated_pinned_bytes"] = plan.estimate.pinned if plan else None
     del trainer, module
     _cleanup()
     return row
 
 
-def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int) -> dict:
+def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int, clip: float | None) -> dict:
     """FSDP2 with CPU offload on one GPU (world size 1), same model and batch, raw training loop."""
     import torch.distributed as dist
     from torch.distributed.fsdp import (
@@ -176,7 +247,8 @@ def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         fused = False
     data = [{k: v.cuda() for k, v in b.items()} for b in batches(config, batch)]
-    times = []
+    times: list[float] = []
+    norms: list[torch.Tensor] = []
     for step in range(warmup + steps):
         b = data[step % len(data)]
         if step == warmup:
@@ -186,6 +258,8 @@ def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int) -> dict:
         out = model(b)
         loss = lm_loss(out.logits, b["labels"]) + out.aux_loss
         loss.backward()
+        if clip:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -195,72 +269,47 @@ def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int) -> dict:
     step_s = statistics.median(times)
     row = {"case": "d", "params": params, "tokens_per_step": tokens, "step_s": step_s, "steps_timed": len(times),
            "step_times": times, "tokens_per_s": tokens / step_s, "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
-           "mfu": 6 * params * tokens / step_s / PEAK_BF16, "fused_optimizer": fused}
+           "mfu": 6 * params * tokens / step_s / PEAK_BF16, "mfu_measured_peak": 6 * params * tokens / step_s /
+           MEASURED_BF16, "fused_optimizer": fused, "clip": clip, "host_rss_bytes": host_rss()[0],
+           "host_rss_peak_bytes": host_rss()[1],
+           "clip_trigger_rate": sum(float(n.full_tensor() if hasattr(n, "full_tensor") else n) > clip
+                                    for n in norms[warmup:]) / max(len(norms[warmup:]), 1) if clip else 0.0}
     del model, optimizer
     _cleanup()
     return row
 
 
-def host_case(numel: int = 1_268_858_880, pieces: int = 16) -> dict:
-    """Host-side ceilings for the offloaded state: fused CPU AdamW, the bf16→fp32 gradient upcast, the fp32→bf16
-    stream-copy cast and a gradient norm, each over `numel` parameters in `pieces` tensors (median of 3)."""
-    n = numel // pieces
-    p = [torch.randn(n) for _ in range(pieces)]
-    g = [torch.randn(n) for _ in range(pieces)]
-    b = [torch.empty(n, dtype=torch.bfloat16) for _ in range(pieces)]
-    params = [torch.nn.Parameter(t) for t in p]
-    for q, gr in zip(params, g):
-        q.grad = gr
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    opt.step()
-
-    def timed(fn) -> float:
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t0)
-        return statistics.median(runs)
-
-    total = n * pieces
-    adam = timed(opt.step)
-    up = timed(lambda: [x.copy_(y) for x, y in zip(g, b)])
-    down = timed(lambda: [y.copy_(x) for x, y in zip(p, b)])
-    norm = timed(lambda: torch.nn.utils.get_total_norm(g))
-    row = {"case": "h", "params": total, "threads": torch.get_num_threads(),
-           "adamw_params_per_s": total / adam, "upcast_params_per_s": total / up,
-           "downcast_params_per_s": total / down, "norm_params_per_s": total / norm}
-    return row
+LABELS = {"a": "(a) all resident", "b": "(b) every other block streamed", "c": "(c) all blocks streamed",
+          "d": "(d) FSDP2 + CPUOffloadPolicy", "e": "(e) >=12B recipe"}
 
 
-LABELS = {"h": "host ceilings", "a": "(a) all resident", "b": "(b) every other block streamed", "c": "(c) all blocks streamed",
-          "d": "(d) FSDP2 + CPUOffloadPolicy", "e": "(e) auto plan, larger model"}
+def key(case: str, mode: str | None, clip: float | None) -> str:
+    return f"{case}:{mode or '-'}:clip={clip or 0}"
 
 
 def table(results: dict) -> str:
-    rows = [results[k] for k in "abcde" if k in results and "error" not in results[k]]
-    base = results.get("a", {}).get("tokens_per_s")
-    header = (f"{'case':<34} {'params':>7} {'tok/step':>8} {'step s':>7} {'tok/s':>8} {'vs a':>5} {'MFU':>5} "
-              f"{'peak GPU':>9} {'stall s':>7} {'opt s':>6}")
+    header = (f"{'case':<32} {'mode':<8} {'clip':>4} {'params':>7} {'tok/s':>8} {'vs a':>5} {'MFU989':>6} "
+              f"{'MFU790':>6} {'exposed':>7} {'stall':>6} {'engine':>6} {'PCIe GB':>7} {'clip%':>5} {'GPU GB':>6} "
+              f"{'RSS GB':>6} {'pin GB':>6}")
     lines = [header]
-    for r in rows:
+    for name, r in results.items():
+        if "error" in r or "skipped" in r:
+            lines.append(f"{name}: {'FAILED ' + r['error'][:160] if 'error' in r else 'skipped: ' + r['skipped']}")
+            continue
+        base = results.get(key("a", None, r.get("clip")), {}).get("tokens_per_s")
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-        lines.append(f"{LABELS[r['case']]:<34} {r['params'] / 1e9:>6.2f}B {r['tokens_per_step']:>8} "
-                     f"{r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {ratio:>5} {r['mfu']:>5.1%} "
-                     f"{r['peak_gpu_bytes'] / 1e9:>7.1f}GB {r.get('stall_s', float('nan')):>7.3f} "
-                     f"{r.get('optimizer_s', float('nan')):>6.3f}")
-        if "accumulate_s" in r:
-            lines.append(f"    host per step: wait for gradient copies {r['host_wait_s']:.3f} s, accumulate "
-                         f"{r['accumulate_s']:.3f} s, bf16 re-copy {r['refresh_s']:.3f} s, norm+clip+optimizer "
-                         f"{r['optimizer_s']:.3f} s; H2D {r['h2d_bytes'] / 1e9:.2f} GB, D2H {r['d2h_bytes'] / 1e9:.2f} GB")
-    if "h" in results and "error" not in results["h"]:
-        h = results["h"]
-        lines.append(f"host ({h['threads']} threads): fused CPU AdamW {h['adamw_params_per_s'] / 1e9:.2f} G params/s, "
-                     f"bf16→fp32 {h['upcast_params_per_s'] / 1e9:.2f} G/s, fp32→bf16 "
-                     f"{h['downcast_params_per_s'] / 1e9:.2f} G/s, grad norm {h['norm_params_per_s'] / 1e9:.2f} G/s")
-    for k in "abcdeh":
-        if k in results and "error" in results[k]:
-            lines.append(f"{LABELS[k]}: FAILED {results[k]['error'][:200]}")
+        lines.append(
+            f"{LABELS[r['case']]:<32} {r.get('mode') or '-':<8} {r.get('clip') or 0:>4} {r['params'] / 1e9:>6.2f}B "
+            f"{r['tokens_per_s']:>8.0f} {ratio:>5} {r['mfu']:>6.1%} {r['mfu_measured_peak']:>6.1%} "
+            f"{r.get('engine_wait_s', 0.0):>7.3f} {r.get('stall_s', 0.0):>6.3f} {r.get('engine_busy_s', 0.0):>6.3f} "
+            f"{r.get('pcie_bytes', 0.0) / 1e9:>7.2f} {r.get('clip_trigger_rate', 0.0):>5.0%} "
+            f"{r['peak_gpu_bytes'] / 1e9:>6.1f} {r.get('host_rss_peak_bytes', 0) / 1e9:>6.1f} "
+            f"{r.get('pinned_bytes', 0) / 1e9:>6.2f}")
+        if r["case"] == "e" and r.get("estimated_gpu_bytes"):
+            lines.append(f"    plan: GPU {r['estimated_gpu_bytes'] / 1e9:.1f} GB (measured peak "
+                         f"{r['peak_gpu_bytes'] / 1e9:.1f}), host {r['estimated_host_bytes'] / 1e9:.1f} GB (measured "
+                         f"RSS peak {r['host_rss_peak_bytes'] / 1e9:.1f}), pinned {r['estimated_pinned_bytes'] / 1e9:.2f}"
+                         f" GB (measured {r.get('pinned_bytes', 0) / 1e9:.2f}); shape from {r.get('shape_from')}")
     return "\n".join(lines)
 
 
@@ -270,81 +319,99 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [results[k] for k in "abcde" if k in results and "error" not in results[k]]
+    rows = [(name, r) for name, r in results.items() if "tokens_per_s" in r]
     if not rows:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [LABELS[r["case"]].split(")")[0] + ")" for r in rows]
-    axes[0].bar(names, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [name.replace(":clip=", "\nclip ") for name, _ in rows]
+    axes[0].bar(range(len(rows)), [r["tokens_per_s"] for _, r in rows], color="tab:blue")
     axes[0].set_ylabel("tokens / s")
-    axes[0].set_title("throughput (bf16-mixed, 1 H200)")
-    axes[1].bar(names, [r["peak_gpu_bytes"] / 1e9 for r in rows], color="tab:orange")
-    axes[1].set_ylabel("peak GPU memory (GB)")
-    axes[1].set_title("peak GPU memory")
-    for ax, key in ((axes[0], "tokens_per_s"), (axes[1], "peak_gpu_bytes")):
-        for i, r in enumerate(rows):
-            value = r[key] if key == "tokens_per_s" else r[key] / 1e9
-            ax.text(i, value, f"{value:,.0f}" if key == "tokens_per_s" else f"{value:.0f}", ha="center",
-                    va="bottom", fontsize=8)
-    fig.suptitle(", ".join(f"{n}: {r['params'] / 1e9:.1f}B" for n, r in zip(names, rows)), fontsize=8)
+    axes[1].bar(range(len(rows)), [r["mfu"] * 100 for _, r in rows], color="tab:green")
+    axes[1].set_ylabel("MFU (% of 989 TFLOP/s)")
+    for ax in axes:
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=70, fontsize=6)
+    fig.suptitle(f"offload throughput ({results_device(results)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def results_device(results: dict) -> str:
+    return next((r.get("device", "?") for r in results.values()), "?")
+
+
+def runs(layers: int, quick: bool) -> list[tuple[str, str | None, float | None]]:
+    """(case, mode, clip) in the order they run."""
+    out: list[tuple[str, str | None, float | None]] = []
+    for clip in (None, 1.0):
+        out.append(("a", None, clip))
+        for case in "bc":
+            for mode in ("exact", "backward"):
+                out.append((case, mode, clip))
+        out.append(("d", None, clip))
+    out.append(("e", "exact", 1.0))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="abcd")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=1)
-    parser.add_argument("--e_d_model", type=int, default=5120)
-    parser.add_argument("--e_layers", type=int, default=32)
-    parser.add_argument("--e_batch", type=int, default=2)
     parser.add_argument("--e_budget", default="130GB")
-    parser.add_argument("--e_accumulate", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tiny", action="store_true", help="a tiny model on any device (checks the script itself)")
-    args = parser.parse_args()
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results = results.get("cases", results) if isinstance(results, dict) else {}
-    config = model_config(d_model=64, layers=4, heads=4, d_ff=128, seq=64) if args.tiny else model_config()
+    parser.add_argument("--only", default="abcde", help="cases to run (default all)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU in seconds (checks the script)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.batch = 1, 1, 2
+    out = args.out or (RESULTS.with_name("offload_throughput_quick.json") if args.quick else RESULTS)
+    config = model_config(d_model=64, layers=4, heads=4, d_ff=128, seq=32, vocab=256) if args.quick else model_config()
     layers = config.num_layers
-    plans = {"a": None, "b": {"offload": [f"model.blocks.[{','.join(str(i) for i in range(1, layers, 2))}]"],
-                              "prefetch": args.prefetch},
-             "c": {"offload": [f"model.blocks.[0-{layers - 1}]"], "prefetch": args.prefetch}}
-    for case in args.cases:
-        print(f"--- case {case}", flush=True)
+    plans = {"b": [f"model.blocks.[{','.join(str(i) for i in range(1, layers, 2))}]"],
+             "c": [f"model.blocks.[0-{layers - 1}]"]}
+    results: dict = {}
+    started = time.perf_counter()
+    meta = stamp()
+    todo = [r for r in runs(layers, args.quick) if r[0] in args.only]
+    for n, (case, mode, clip) in enumerate(todo):
+        name = key(case, mode, clip)
+        print(f"--- [{n + 1}/{len(todo)}] {name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         try:
-            if case in plans:
-                row = lightning_case(case, config, args.batch, plans[case], args.steps, args.warmup)
+            if case == "a":
+                row = lightning_case(case, config, args.batch, None, args.steps, args.warmup, clip)
+            elif case in plans:
+                row = lightning_case(case, config, args.batch, {"offload": plans[case], "prefetch": args.prefetch,
+                                                                "optimizer_overlap": mode},
+                                     args.steps, args.warmup, clip)
             elif case == "d":
-                row = fsdp2_case(config, args.batch, args.steps, args.warmup)
-            elif case == "h":
-                row = host_case(4096 * 16 if args.tiny else 1_268_858_880)
-            elif case == "e":
-                big = config if args.tiny else model_config(
-                    d_model=args.e_d_model, layers=args.e_layers, heads=args.e_d_model // 128,
-                    d_ff=int(args.e_d_model * 2.7) // 256 * 256)
-                row = lightning_case("e", big, args.e_batch, {"gpu_memory_budget": args.e_budget,
-                                                               "prefetch": args.prefetch,
-                                                               "micro_batch_tokens": args.e_batch * big.max_seq_len},
-                                     args.steps, args.warmup, accumulate=args.e_accumulate)
-                row["gpu_memory_budget"] = args.e_budget
+                if DEVICE != "cuda":
+                    row = {"case": case, "skipped": "FSDP2 + CPUOffloadPolicy needs CUDA"}
+                else:
+                    row = fsdp2_case(config, args.batch, args.steps, args.warmup, clip)
             else:
-                raise ValueError(f"unknown case {case!r}")
+                big, batch, source = recipe_config(args.quick)
+                budget = None if args.quick else args.e_budget
+                kwargs = {"gpu_memory_budget": budget, "prefetch": args.prefetch, "optimizer_overlap": mode,
+                          "micro_batch_tokens": batch * big.max_seq_len} if budget else {
+                          "offload": ["model.blocks.[1-2]"], "optimizer_overlap": mode}
+                row = lightning_case("e", big, batch, kwargs, args.steps, args.warmup, clip)
+                row.update({"gpu_memory_budget": budget, "shape_from": source,
+                            "activation_checkpointing": getattr(big, "activation_checkpointing", None)})
         except Exception as err:  # noqa: BLE001 - record the failure and go on with the other cases
             traceback.print_exc()
             row = {"case": case, "error": f"{type(err).__name__}: {err}"}
             _cleanup()
-        row["device"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-        row["torch"] = torch.__version__
-        results[case] = row
+        row.update({"device": meta["device"], "torch": meta["torch"], "mode": row.get("mode", mode)})
+        results[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "step_times"}, default=str), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"host": platform.node(), "cases": results}, indent=1, default=str))
-    plot(results, args.out.with_suffix(".png"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**meta, "total_s": time.perf_counter() - started, "cases": results}, indent=1,
+                                  default=str))
+    plot(results, out.with_suffix(".png"))
     print(table(results))
+    print(f"total {time.perf_counter() - started:.0f} s; results in {out}")
 
 
 if __name__ == "__main__":
