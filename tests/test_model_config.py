@@ -53,6 +53,12 @@ BAD = [
     (dict(norm_eps=0.0), "norm_eps", "> 0"),
     (dict(pad_token_id=64), "pad_token_id", "vocab_size"),
     (dict(eos_token_id=-1), "eos_token_id", "vocab_size"),
+    (dict(activation_checkpointing="some"), "activation_checkpointing", "None (off), 'all' or a list"),
+    (dict(activation_checkpointing=2), "activation_checkpointing", "None (off), 'all' or a list"),
+    (dict(activation_checkpointing=[0, 4]), "activation_checkpointing", "entry 1 (4) is not a logical layer index"),
+    (dict(activation_checkpointing=[-1]), "activation_checkpointing", "entry 0 (-1) is not a logical layer index"),
+    (dict(activation_checkpointing=[True]), "activation_checkpointing", "entry 0 (True)"),
+    (dict(activation_checkpointing=[1, 1]), "activation_checkpointing", "layer 1 is listed more than once"),
 ]
 
 
@@ -93,11 +99,14 @@ def test_from_dict_rejects_unknown_keys_by_name() -> None:
     dict(moe_layers=[1, 3], num_unique_blocks=2, router="prototype", capacity_factor=1.25, expert_d_ff=48),
     dict(moe_layers=(0, 1, 2, 3), sharing_layout="stack", num_unique_blocks=2, router_norm_topk=False),
     dict(moe_layers="all", num_unique_blocks=1, tie_embeddings=False, dropout=0.1),
+    dict(activation_checkpointing="all"),
+    dict(activation_checkpointing=(0, 3), num_unique_blocks=2),
 ])
 def test_to_dict_from_dict_round_trip_including_json(overrides) -> None:
     cfg = _cfg(**overrides).validate()
     data = cfg.to_dict()
     assert isinstance(data, dict) and not isinstance(data["moe_layers"], tuple)
+    assert not isinstance(data["activation_checkpointing"], tuple)
     assert M6Config.from_dict(data) == cfg
     again = M6Config.from_dict(json.loads(json.dumps(data)))
     assert again == cfg and again.to_dict() == data

@@ -184,3 +184,21 @@ def test_delink_does_not_copy_what_a_hook_refers_to() -> None:
     module.model.blocks[0].register_forward_hook(owner.hook)
     delink(module.model)
     assert all(not b._forward_hooks for b in module.model.blocks)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_checkpointed_blocks_are_counted_once(early_stop: bool) -> None:
+    """The re-run of a checkpointed block in backward is not another batch: the tallies equal those without
+    checkpointing, whether or not the recompute stops early (with early stop off it reaches the block's forward
+    hook)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    def tallies(spec: Any) -> dict[int, tuple[list[int], list[float], int]]:
+        monitor = MoEMonitor(log_every_n_steps=100)  # no flush within the run: the raw sums stay readable
+        with set_checkpoint_early_stop(early_stop):
+            _run(_module(top_k=2, activation_checkpointing=spec), monitor, steps=3)
+        return {layer: (t.counts.tolist(), t.scalars.tolist(), t.batches) for layer, t in monitor._tallies.items()}
+
+    plain = tallies(None)
+    assert sorted(plain) == [0, 1, 2, 3] and all(batches == 3 for _, _, batches in plain.values())
+    assert tallies("all") == plain

@@ -185,3 +185,59 @@ def test_host_budget_that_cannot_fit_names_the_budget_and_the_shortfall() -> Non
         plan_offload(root, offload=["model.blocks.[1-2]"], micro_batch_tokens=64, host_memory_budget=1000)
     assert plan_offload(root, offload=["model.blocks.[1-2]"], micro_batch_tokens=64,
                         host_memory_budget=int(need)).estimate.host_total == need
+
+
+@pytest.mark.parametrize("precision,per_d,per_ff", [("bf16-mixed", 22, 8), ("32-true", 36, 16)])
+def test_activation_estimate_follows_checkpointing(precision: str, per_d: int, per_ff: int) -> None:
+    """A dense layer saves per_d·d + per_ff·d_ff bytes per token; checkpointed, it keeps its fp32 input (4d) and
+    re-creates the rest during its own backward, after the layers behind it have freed theirs."""
+    from m6lit.strategies.planner import activation_bytes_per_token
+
+    config = tiny_config(moe_layers="none")
+    d, p = config.d_model, per_d * config.d_model + per_ff * config.d_ff
+
+    def act(spec) -> float:
+        return activation_bytes_per_token(config.replace(activation_checkpointing=spec), precision)[0]
+
+    assert act(None) == 4 * p
+    assert act("all") == 3 * 4 * d + p, "three kept inputs while the last layer's recompute is live"
+    assert act([0]) == act([1]) == 3 * p + 4 * d
+    assert act([3]) == 4 * p, "the last layer re-runs at once: nothing saved"
+    assert act([0, 1, 2]) == 3 * 4 * d + p
+    assert activation_bytes_per_token(config.replace(activation_checkpointing="all"), precision)[1] == \
+        activation_bytes_per_token(config, precision)[1], "the head is not checkpointed"
+
+
+def test_the_12b_recipe_plans_on_the_meta_device_and_fits_its_budgets(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/offload-12b.yaml: ≥ 12 B parameters, one 32k-token micro-batch per step, every block checkpointed,
+    and the budget plan fits the GPU and host budgets it states (`m6lit plan` prints it without a warning)."""
+    import yaml
+
+    from m6lit.strategies.planner import main
+
+    path = ROOT / "configs" / "offload-12b.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    strategy = cfg["trainer"]["strategy"]["init_args"]
+    root = _meta_root(cfg["model"]["config"])
+    config = root.model.config
+    assert all(p.is_meta for p in root.parameters())
+    assert config.activation_checkpointing == "all" and config.moe_layers == "none"
+    tokens = cfg["data"]["batch_size"] * config.max_seq_len
+    assert 30_000 <= tokens <= 34_000 and cfg["trainer"]["accumulate_grad_batches"] == 1
+    assert cfg["trainer"]["precision"] == "bf16-mixed"
+    plan = plan_offload(root, gpu_memory_budget=strategy["gpu_memory_budget"], precision="bf16-mixed",
+                        micro_batch_tokens=tokens, host_memory_budget=strategy["host_memory_budget"])
+    est = plan.estimate
+    assert est.resident_params + est.offloaded_params == sum(p.numel() for p in root.parameters()) >= 12e9
+    assert est.gpu_total <= parse_bytes(strategy["gpu_memory_budget"]) <= parse_bytes("139GiB")
+    assert est.host_total <= parse_bytes(strategy["host_memory_budget"]) <= parse_bytes("128GiB")
+    assert est.offloaded_params > 0.4 * (est.resident_params + est.offloaded_params)
+    assert "model.blocks.0" not in plan.offload and f"model.blocks.{config.num_layers - 1}" not in plan.offload
+    plain = plan_offload(_meta_root({**cfg["model"]["config"], "activation_checkpointing": None}), offload=plan.offload,
+                         precision="bf16-mixed", micro_batch_tokens=tokens).estimate
+    assert est.gpu["activations"] < plain.gpu["activations"] / 5, "checkpointing is what makes it fit"
+    main(["--config", str(path)])
+    out = capsys.readouterr().out
+    assert "offload-12b.yaml (as configured): 12.07B parameters" in out and "32768 tokens per micro-batch" in out
+    assert "(budget 130.00 GB)" in out and "(budget 128.00 GB)" in out
+    assert "WARNING" not in out and "no plan" not in out

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from m6lit.model import MoEAux
+from m6lit.model.block import checkpoint_phase
 
 
 @dataclass
@@ -101,8 +102,8 @@ class MoEMonitor(Callback):
                 self._hooked[id(block)] = block.register_forward_hook(self._record, with_kwargs=True)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not module.training or not torch.is_grad_enabled():
-            return
+        if not module.training or not torch.is_grad_enabled() or checkpoint_phase() == "recompute":
+            return  # the re-run of a checkpointed block in backward is not another batch
         aux = output[1]
         if not isinstance(aux, MoEAux):
             return

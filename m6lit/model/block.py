@@ -1,11 +1,21 @@
-"""TransformerBlock: RMSNorm → attention → RMSNorm → dense SwiGLU FFN or MoELayer (pre-norm residual)."""
+"""TransformerBlock: RMSNorm → attention → RMSNorm → dense SwiGLU FFN or MoELayer (pre-norm residual); activation
+checkpointing of one block call.
+
+`checkpointed_call` runs a block under `torch.utils.checkpoint` (non-reentrant): autograd keeps only the block's
+inputs and re-runs the whole call, module hooks included, when backward reaches it. `checkpoint_phase()` tells a hook
+which run it is in ("forward", "recompute", or None outside checkpointing), so a hook that streams weights re-fetches
+them for the recompute and a hook that tallies statistics counts the forward only.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache
 from .moe import MoEAux, MoELayer
@@ -50,3 +60,28 @@ class TransformerBlock(nn.Module):
         else:
             h = self.ffn(h)
         return x + self.drop(h), aux
+
+
+_PHASE: ContextVar[Optional[str]] = ContextVar("m6lit_checkpoint_phase", default=None)
+
+
+def checkpoint_phase() -> Optional[str]:
+    """"forward" inside the first run of a checkpointed block, "recompute" inside its re-run during backward, None
+    otherwise."""
+    return _PHASE.get()
+
+
+@contextlib.contextmanager
+def _phase(name: str) -> Iterator[None]:
+    token = _PHASE.set(name)
+    try:
+        yield
+    finally:
+        _PHASE.reset(token)
+
+
+def checkpointed_call(block: nn.Module, *args: Any) -> Any:
+    """`block(*args)` with its activations recomputed in backward instead of saved (RNG state preserved, so dropout
+    masks repeat; the recompute's outputs are discarded, so aux losses are counted once)."""
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=lambda: (_phase("forward"), _phase("recompute")))

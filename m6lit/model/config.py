@@ -39,6 +39,8 @@ class M6Config:
     `num_experts` / `top_k` / `expert_d_ff`, one `{block, num_experts, top_k, expert_d_ff, segments}` entry each
     (missing keys take the global value). `m6lit.model.experts` writes them; they are structural state, so a
     checkpoint rebuilds the right shapes, and `delink` gives each cloned block its source block's entry.
+    Activation checkpointing: `activation_checkpointing` None (off), "all" or a list of logical layers whose block
+    activations are recomputed in backward instead of saved (logical layers, so a delink or expert split keeps it).
     """
 
     vocab_size: int = 384
@@ -68,12 +70,15 @@ class M6Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     expert_overrides: list[dict[str, int]] | None = None
+    activation_checkpointing: Union[Literal["all"], list[int], None] = None
 
     def __post_init__(self) -> None:
         if self.num_unique_blocks is None:
             self.num_unique_blocks = self.num_layers
         if isinstance(self.moe_layers, tuple):
             self.moe_layers = list(self.moe_layers)
+        if isinstance(self.activation_checkpointing, tuple):
+            self.activation_checkpointing = list(self.activation_checkpointing)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -114,6 +119,11 @@ class M6Config:
         if isinstance(spec, int):
             return layer % spec == spec - 1
         return layer in spec
+
+    def is_checkpointed_layer(self, layer: int) -> bool:
+        """Whether logical layer `layer` recomputes its block's activations in backward (`activation_checkpointing`)."""
+        spec = self.activation_checkpointing
+        return spec == "all" or (isinstance(spec, list) and layer in spec)
 
     def layer_to_block(self) -> list[int]:
         """Physical block used by each logical layer, per `sharing_layout`."""
@@ -183,6 +193,7 @@ class M6Config:
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a token id < vocab_size")
         need(0 <= self.eos_token_id < self.vocab_size, "eos_token_id", "must be a token id < vocab_size")
         self._validate_expert_overrides()
+        self._validate_activation_checkpointing()
         kinds: dict[int, tuple[bool, int]] = {}
         for layer, block in enumerate(self.layer_to_block()):
             moe = self.is_moe_layer(layer)
@@ -195,6 +206,22 @@ class M6Config:
                      f"even num_unique_blocks for moe_layers=2)")
             kinds.setdefault(block, (moe, layer))
         return self
+
+    def _validate_activation_checkpointing(self) -> None:
+        spec = self.activation_checkpointing
+        where = f"M6Config.activation_checkpointing={spec!r}"
+        if spec is None or spec == "all":
+            return
+        if not isinstance(spec, list):
+            raise ValueError(f"{where}: must be None (off), 'all' or a list of logical layer indices")
+        seen: set[int] = set()
+        for i, layer in enumerate(spec):
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+                raise ValueError(f"{where}: entry {i} ({layer!r}) is not a logical layer index in [0, num_layers="
+                                 f"{self.num_layers})")
+            if layer in seen:
+                raise ValueError(f"{where}: layer {layer} is listed more than once")
+            seen.add(layer)
 
     def _validate_expert_overrides(self) -> None:
         overrides = self.expert_overrides
@@ -243,6 +270,8 @@ class M6Config:
         out = dataclasses.asdict(self)
         if isinstance(out["moe_layers"], tuple):
             out["moe_layers"] = list(out["moe_layers"])
+        if isinstance(out["activation_checkpointing"], tuple):
+            out["activation_checkpointing"] = list(out["activation_checkpointing"])
         if out["expert_overrides"] is not None:
             out["expert_overrides"] = [dict(e) for e in out["expert_overrides"]]
         return out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, prefix_lm_mask
-from .block import TransformerBlock
+from .block import TransformerBlock, checkpointed_call
 from .config import M6Config
 from .embeddings import M6Embeddings
 from .moe import MoEAux, MoELayer, init_moe_
@@ -152,8 +152,12 @@ class M6Model(nn.Module):
         mask = prefix_lm_mask(key_valid, bidir_len, q_start, x.shape[1])
         token_mask = key_valid[:, q_start:q_start + x.shape[1]]
         stats: dict[int, MoEAux] = {}
+        recompute = cache is None and torch.is_grad_enabled() and self.config.activation_checkpointing is not None
         for layer, block_idx in enumerate(self.layer_to_block):
-            x, aux = self.blocks[block_idx](x, mask, token_mask, cache, layer)
+            if recompute and self.config.is_checkpointed_layer(layer):
+                x, aux = checkpointed_call(self.blocks[block_idx], x, mask, token_mask, None, layer)
+            else:
+                x, aux = self.blocks[block_idx](x, mask, token_mask, cache, layer)
             if aux is not None:
                 stats[layer] = aux
         if cache is not None:

@@ -212,18 +212,25 @@ def activation_bytes_per_token(config: Any, precision: str) -> tuple[float, floa
     gate, silu, up and product (8 d_ff); an MoE layer saves fp32 router logits/probabilities (~12 E) plus, per routed
     slot (k), its dispatched row and output (4d) and its expert activations (8 d_ff_e). fp32 doubles the bf16 terms.
     The head keeps logits in bf16 and fp32, log-probabilities and their gradient (~12 V).
+    A checkpointed layer (`config.activation_checkpointing`) keeps only its fp32 block input (4d) and re-creates its
+    own activations while its backward runs, when the layers after it have released theirs: the result is the peak,
+    the larger of the end of the forward and each checkpointed layer's recompute on top of the layers before it.
     """
     scale = 1.0 if precision == "bf16-mixed" else 2.0
     d, v = config.d_model, config.vocab_size
-    total = 0.0
+    checkpointed = getattr(config, "is_checkpointed_layer", lambda layer: False)
+    before = peak = 0.0
     for layer in range(config.num_layers):
         per = (22 if scale == 1.0 else 36) * d
         if config.is_moe_layer(layer):
             per += 12 * config.num_experts + scale * config.top_k * (4 * d + 8 * config.expert_hidden) + 4 * d
         else:
             per += scale * 8 * config.d_ff
-        total += per
-    return total, (12 if scale == 1.0 else 16) * v
+        if checkpointed(layer):
+            peak = max(peak, before + per)
+            per = 4 * d
+        before += per
+    return max(peak, before), (12 if scale == 1.0 else 16) * v
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m6lit.model.block import checkpoint_phase
 from m6lit.model.moe import GroupedExperts
 
 _TAG = object()
@@ -236,6 +237,8 @@ class ParamStreamer:
         self._hook_stack: list[Any] = []
         self._backward_callback_queued = False
         self._in_backward = False
+        self._checkpointed_uses: list[tuple[int, int]] = []  # (trace position, unit) of uses under checkpointing
+        self._recompute_pos: int | None = None
         self._by_index: dict[int, StreamUnit] = {}
         self._next_index = 0
         if self.cuda:
@@ -390,7 +393,9 @@ class ParamStreamer:
         if self._trace:
             self._prev_trace = self._trace
         self._trace = []
+        self._checkpointed_uses = []
         self._following = True
+        self._recompute_pos = None
 
     def release_all(self) -> None:
         for unit in self.units:
@@ -519,11 +524,19 @@ class ParamStreamer:
     # ------------------------------------------------------------------ forward hooks
     def _make_pre_hook(self, unit: StreamUnit) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Any) -> None:
+            phase = checkpoint_phase()
+            if phase == "recompute":
+                self._hook_stack.append(None)
+                self._refetch_for_recompute(unit)
+                return
             pos = len(self._trace)
             self._trace.append(unit.index)
             if len(self._trace) > 1_000_000:
                 self._trace = self._trace[-1:]
+                self._checkpointed_uses = []
                 pos = 0
+            if phase == "forward":
+                self._checkpointed_uses.append((pos, unit.index))
             full = self._full_precision_now()
             self._ensure_live(unit, full)
             prev = self._prev_trace
@@ -531,7 +544,7 @@ class ParamStreamer:
                 self._prefetch(prev[pos + 1:pos + 1 + self.prefetch], full)
             else:
                 self._following = False
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and phase is None:  # under checkpointing, checkpoint's own hooks must save
                 hooks = torch.autograd.graph.saved_tensors_hooks(self._pack_for(unit, pos), self._unpack)
                 hooks.__enter__()
                 self._hook_stack.append(hooks)
@@ -544,6 +557,8 @@ class ParamStreamer:
             hooks = self._hook_stack.pop() if self._hook_stack else None
             if hooks is not None:
                 hooks.__exit__(None, None, None)
+            if checkpoint_phase() == "recompute":
+                return  # backward reads the recomputed tensors next; the unit goes once its gradients are done
             pos = len(self._trace) - 1
             prev = self._prev_trace
             window = prev[pos + 1:pos + 1 + max(self.prefetch, 1)] if self._following else []
@@ -553,6 +568,20 @@ class ParamStreamer:
                 return  # among the last units of the pass: backward needs it next
             self._release(unit)
         return post_hook
+
+    def _refetch_for_recompute(self, unit: StreamUnit) -> None:
+        """A checkpointed block re-runs during backward: make the unit live again and prefetch the units the
+        forward ran before this use (recomputes come in reverse forward order: walk the checkpointed uses back)."""
+        self._note_backward()
+        uses = self._checkpointed_uses
+        end = len(uses) if self._recompute_pos is None else self._recompute_pos
+        i = next((i for i in range(end - 1, -1, -1) if uses[i][1] == unit.index), None)
+        self._ensure_live(unit, self._full_precision_now())
+        if i is not None:
+            self._recompute_pos = i
+            pos = uses[i][0]
+            self._prefetch(self._trace[p] for p in range(pos - 1, max(pos - 1 - self.prefetch, -1), -1)
+                           if p < len(self._trace))
 
     # ------------------------------------------------------------------ backward hooks
     def _pack_for(self, unit: StreamUnit, pos: int) -> Callable[[Tensor], Any]:
@@ -584,6 +613,7 @@ class ParamStreamer:
     def _backward_done(self) -> None:
         self._backward_callback_queued = False
         self._in_backward = False
+        self._recompute_pos = None
         self.release_all()
 
     def _grad_ready(self, p: Tensor) -> None:
