@@ -73,16 +73,33 @@ class _Poison(L.Callback):
             pl_module.model.blocks[2].attn.qkv.weight.grad.fill_(float("inf"))
 
 
-@pytest.mark.parametrize("where,message", [("input", "non-finite training loss .* at global step 3"),
-                                           ("grad", r"non-finite gradient \(first in model.blocks.2.attn.qkv.weight\)"
-                                                    r" at global step 3")])
+@pytest.mark.parametrize("where,message,log_every", [
+    # on a logging step the loss flag is read before the backward: the loss is named
+    ("input", "non-finite training loss .* at global step 3", 1),
+    # between logging steps the loss flag is not read; the non-finite gradients it causes stop the step
+    ("input", r"non-finite gradient \(first in .*\) at global step 3", 50),
+    ("grad", r"non-finite gradient \(first in model.blocks.2.attn.qkv.weight\) at global step 3", 50)])
 def test_non_finite_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path, where: str,
-                                                                            message: str) -> None:
+                                                                            message: str, log_every: int) -> None:
     with pytest.raises(FloatingPointError, match=message):
-        fit(_module(), 10, callbacks=[_Poison(3, where)], dirpath=tmp_path)
+        fit(_module(), 10, callbacks=[_Poison(3, where)], dirpath=tmp_path, log_every_n_steps=log_every)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_flag_is_read_before_a_checkpoint_is_written(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without any gradient guard and between logging steps, the device flag still stops the run at the next
+    checkpoint write, naming the step of the bad loss, and the last checkpoint on disk stays the good one."""
+    module = _module()
+    monkeypatch.setattr(module, "on_before_optimizer_step", lambda optimizer: None)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 3"):
+        fit(module, 10, callbacks=[_Poison(3, "input")], dirpath=tmp_path, log_every_n_steps=50)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "step=4.ckpt").exists()
 
 
 def test_config_dict_hparams_rebuild_from_checkpoint(tmp_path: Path) -> None:
