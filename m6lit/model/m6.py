@@ -151,8 +151,7 @@ class M6Model(nn.Module):
         compiled: dict[int, nn.Module] = self._compiled_blocks
         if len(compiled) == len(self.blocks) and all(compiled.get(id(b)) is b for b in self.blocks):
             return
-        # a deep-copied block carries its source's compiled call (bound to the source): compile every block
-        # this model has not compiled itself
+        # new blocks (a delink's deep copies drop their source's compiled call) run eager until compiled here
         for block in self.blocks:
             if compiled.get(id(block)) is not block:
                 block.compile(**options)
