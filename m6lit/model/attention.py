@@ -153,8 +153,10 @@ class Attention(nn.Module):
         if is_block_mask(mask):
             if self.training and self.dropout > 0:
                 raise ValueError("FlexAttention has no attention dropout; build the dense mask when dropout > 0")
-            # eager FlexAttention off CUDA is the unfused reference (forward only): used by the CPU tests
-            out = (_flex() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
+            # inside a compiled block torch.compile fuses flex_attention itself; eager FlexAttention off CUDA is
+            # the unfused reference (forward only), used by the CPU tests
+            fused = q.is_cuda and not torch.compiler.is_compiling()
+            out = (_flex() if fused else flex_attention)(q, k, v, block_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=self.dropout if self.training else 0.0)
