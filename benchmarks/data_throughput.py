@@ -173,7 +173,7 @@ def plot(rows: list[dict[str, Any]], need: dict[str, float], meta: dict[str, Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 8])
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="default: 0 2 8 (--quick: 0 1)")
     parser.add_argument("--sources", nargs="+", default=["demo", "jsonl", "webdataset"])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a tiny run that checks the script")
     args = parser.parse_args(argv)
     if args.quick:
-        args.workers, args.batches, args.batch_size, args.samples = [0, 1], 2, 4, 16
+        args.batches, args.batch_size, args.samples = 2, 4, 16
+    if args.workers is None:
+        args.workers = [0, 1] if args.quick else [0, 2, 8]
     torch.set_num_threads(1)  # the main process is one loader consumer, like the training process's loader side
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
