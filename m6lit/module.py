@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Optional
+from collections import deque
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -20,6 +21,14 @@ from torchmetrics import MeanMetric
 
 from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
+from .model.embeddings import check_token_ids
+from .model.flops import training_flops
+from .model.m6 import chunked_lm_loss
+
+#: batches over which tokens/s, samples/s and MFU are averaged (host wall clock, no device sync)
+THROUGHPUT_WINDOW = 10
+#: dense bf16 peak of H100/H200 (SXM), the basis of `train/mfu` on those GPUs unless `peak_flops` is given
+HOPPER_BF16_FLOPS = 989e12
 
 NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos")
 
@@ -73,12 +82,21 @@ class M6LitModule(LightningModule):
         init_from: a folder written by `m6lit export` to start from (fine-tuning); its config must match `config`
             (a larger `num_unique_blocks` that refines its sharing is allowed). Not saved in checkpoints: they hold
             the weights themselves.
+        compile_blocks: `torch.compile` the transformer blocks (True, or a dict of `torch.compile` options such as
+            `{"mode": "max-autotune-no-cudagraphs"}`); blocks created by a delink or an expert split are compiled
+            when they first run. The first step's time (compilation included) is logged as `train/first_step_sec`.
+        loss_chunk_tokens: compute the LM loss `loss_chunk_tokens` positions at a time from the hidden states
+            (no full `[B, T, V]` logits in training); None for the plain loss.
+        peak_flops: the accelerator's peak FLOP/s for `train/mfu` (default: 989e12 on H100/H200, Lightning's table
+            elsewhere; no MFU when unknown, e.g. on the CPU).
     """
 
     def __init__(self, config: M6Config = M6Config(),
                  optimizer: Optional[OptimizerCallable] = None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None,
+                 compile_blocks: Union[bool, dict[str, Any]] = False, loss_chunk_tokens: Optional[int] = None,
+                 peak_flops: Optional[float] = None) -> None:
         super().__init__()
         # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
         config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -87,17 +105,30 @@ class M6LitModule(LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 1 (or None for the plain loss)")
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"peak_flops={peak_flops} must be > 0 (or None)")
         self.save_hyperparameters(ignore=["optimizer", "init_from"])
         self.hparams["config"] = config.to_dict()
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] = optimizer or _default_optimizer
         self.model = M6Model(config)
         if init_from is not None:
             load_exported_weights(self.model, init_from)
+        if compile_blocks:
+            self.model.compile_blocks(**(compile_blocks if isinstance(compile_blocks, dict) else {}))
         self.val_nll = MeanMetric()
         self.val_acc = MeanMetric()
         self.test_nll = MeanMetric()
         self.test_acc = MeanMetric()
         self._batch_start: Optional[float] = None
+        self._positions = 0
+        self._host_counts: tuple[int, int, int, int] = (0, 0, 0, 0)  # samples, text tokens, image patches, width
+        self._window: deque[tuple[float, int, int, float]] = deque(maxlen=THROUGHPUT_WINDOW + 1)
+        self._first_step_logged = False
+        self._peak: Optional[float] = None
+        self._bad_loss_step: Optional[Tensor] = None
+        self._bad_loss_value: Optional[Tensor] = None
         self._total_steps_cache: Optional[int] = None
         self.lr_multipliers: list[Callable[[int], float]] = []
 
@@ -178,6 +209,33 @@ class M6LitModule(LightningModule):
     def forward(self, batch: dict[str, Tensor]) -> Any:
         return self.model(batch)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Host-side work on the batch before it moves: the token-id range check (free here, a sync on the
+        device) and the counts behind tokens/s and MFU."""
+        if isinstance(batch, dict) and isinstance(batch.get("input_ids"), Tensor):
+            ids = batch["input_ids"]
+            if ids.device.type == "cpu" and ids.numel():
+                check_token_ids(ids, self.model.config.vocab_size)
+            self._host_counts = self._count(batch)
+        return batch
+
+    def _count(self, batch: dict[str, Any]) -> tuple[int, int, int, int]:
+        """(samples, valid text tokens, valid image patches, row width in positions), read without a device sync
+        (from host tensors, else from shapes)."""
+        ids = batch["input_ids"]
+        rows, width = ids.shape
+        mask = batch.get("attention_mask")
+        text = int(mask.sum()) if isinstance(mask, Tensor) and mask.device.type == "cpu" else rows * width
+        patches = 0
+        if isinstance(batch.get("pixel_values"), Tensor):
+            image_mask = batch.get("image_mask")
+            image_rows = rows
+            if isinstance(image_mask, Tensor) and image_mask.device.type == "cpu":
+                image_rows = int(image_mask.sum())
+            patches = image_rows * self.model.config.num_patches
+            width += self.model.config.num_patches
+        return rows, text, patches, width
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
@@ -187,13 +245,17 @@ class M6LitModule(LightningModule):
         if batch["input_ids"].shape[0] == 0:
             self._positions = 0
             return None  # every sample of this batch was skipped as bad input (counted above): no step
-        out = self.model(batch)
-        lm = lm_loss(out.logits, batch["labels"])
+        chunk = self.hparams.get("loss_chunk_tokens")
+        if chunk:
+            out = self.model(batch, compute_logits=False)
+            lm = chunked_lm_loss(out.hidden[:, out.image_len:], self.model.lm_head.weight, batch["labels"], chunk)
+        else:
+            out = self.model(batch)
+            lm = lm_loss(out.logits, batch["labels"])
         loss = lm + out.aux_loss
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"non-finite training loss ({float(loss)}) at global step {self.global_step} (batch {batch_idx}); "
-                f"stopping — the last saved checkpoint is untouched")
+        self._record_finite(loss)
+        if self._reads_metrics_now():
+            self.check_finite_loss()
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", lm, prog_bar=True, batch_size=bs)
         self.log("train/ppl", torch.exp(lm.detach()), batch_size=bs)
@@ -201,16 +263,90 @@ class M6LitModule(LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)
             self.log("train/balance_loss", out.balance_loss, batch_size=bs)
             self.log("train/z_loss", out.z_loss, batch_size=bs)
-        self._positions = int(batch["attention_mask"].sum()) + out.image_len * bs
+        self._positions = self._host_counts[1] + self._host_counts[2]
         return loss
 
+    # ------------------------------------------------------------------ non-finite loss guard
+    def _record_finite(self, loss: Tensor) -> None:
+        """Remember the first global step whose loss is non-finite, on the device (no sync)."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._bad_loss_step is None or self._bad_loss_step.device != loss.device:
+            self._bad_loss_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss_value = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = bad & (self._bad_loss_step < 0)
+        self._bad_loss_step = torch.where(first, self.global_step, self._bad_loss_step)
+        self._bad_loss_value = torch.where(first, loss.detach().float(), self._bad_loss_value)
+
+    def _reads_metrics_now(self) -> bool:
+        """Whether Lightning logs this step's metrics (a sync then happens anyway)."""
+        trainer = self._trainer
+        return trainer is not None and trainer._logger_connector.should_update_logs
+
+    def check_finite_loss(self) -> None:
+        """Raise FloatingPointError naming the first step with a non-finite loss since training started (a host
+        read of the device flag). Runs on logging steps before the backward, before every checkpoint is written
+        and at the end of training; a non-finite loss between those reads gives non-finite gradients, which
+        `on_before_optimizer_step` refuses before the optimizer steps."""
+        if self._bad_loss_step is None:
+            return
+        step = int(self._bad_loss_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss ({float(self._bad_loss_value)}) at global step {step}; stopping — the "
+                f"last saved checkpoint is untouched")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_loss()
+
+    def on_train_end(self) -> None:
+        self.check_finite_loss()
+
+    # ------------------------------------------------------------------ throughput
+    def _peak_flops(self) -> Optional[float]:
+        if self._peak is None:
+            peak = self.hparams.get("peak_flops")
+            if peak is None and self.device.type == "cuda":
+                name = torch.cuda.get_device_name(self.device).lower()
+                if "h100" in name or "h200" in name:
+                    peak = HOPPER_BF16_FLOPS
+                else:
+                    from lightning.fabric.utilities.throughput import get_available_flops
+
+                    peak = get_available_flops(self.device, torch.bfloat16)
+            self._peak = float(peak) if peak else 0.0
+        return self._peak or None
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._batch_start is not None:
-            elapsed = time.perf_counter() - self._batch_start
-            self.log("train/tokens_per_sec", self._positions / max(elapsed, 1e-9), batch_size=1)
+        now = time.perf_counter()
+        samples, text, patches, width = self._host_counts
+        flops = training_flops(self.model.config, text, patches, width)
+        if self._batch_start is not None and not self._first_step_logged:
+            self._first_step_logged = True
+            first = now - self._batch_start
+            self.log("train/first_step_sec", torch.tensor(first), batch_size=1)
+            rank_zero_info(f"m6lit: first training step took {first:.1f} s"
+                           + (" (torch.compile included)" if self.hparams.get("compile_blocks") else ""))
+        self._window.append((now, text + patches, samples, flops))
+        # rates over the last window of batches, from host clocks: the device queue evens out over a window, so
+        # no sync is needed (values are host tensors, so logging them moves nothing to the device)
+        if len(self._window) >= 2:
+            elapsed = now - self._window[0][0]
+            done = list(self._window)[1:]
+        elif self._batch_start is not None:
+            elapsed, done = now - self._batch_start, list(self._window)
+        else:
+            elapsed, done = 0.0, []
+        if elapsed > 0:
+            tokens = sum(d[1] for d in done) / elapsed
+            self.log("train/tokens_per_sec", torch.tensor(tokens), prog_bar=True, batch_size=1)
+            self.log("train/samples_per_sec", torch.tensor(sum(d[2] for d in done) / elapsed), batch_size=1)
+            peak = self._peak_flops()
+            if peak:
+                mfu = sum(d[3] for d in done) / elapsed / peak
+                self.log("train/mfu", torch.tensor(mfu), prog_bar=True, batch_size=1)
         optimizer = self.optimizers(use_pl_optimizer=False)
         if isinstance(optimizer, torch.optim.Optimizer):
-            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=1)
+            self.log("lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), prog_bar=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm and refuse to step on a non-finite one (the parameters, and so the last

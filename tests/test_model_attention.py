@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m6lit.model import KVCache, M6Config, M6Model, prefix_lm_mask
+from m6lit.model import Attention, KVCache, M6Config, M6Model, prefix_lm_mask
+from m6lit.model.attention import build_attention_mask, flex_attention, is_block_mask, prefix_lm_block_mask
+
+needs_flex = pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention")
 
 VOCAB = 64
 ATOL = 1e-6  # "unchanged" = equal to float noise; real changes are orders of magnitude larger
@@ -154,3 +157,99 @@ def test_prefix_len_changes_what_the_prefix_sees() -> None:
     changed["input_ids"][:, 3] = (changed["input_ids"][:, 3] + 7) % (VOCAB - 2) + 2
     out = _logits(model, changed)
     assert _max_diff(out[:, :3], base[:, :3]) < ATOL
+
+
+# ------------------------------------------------------------------------------------------- FlexAttention
+# On the CPU FlexAttention runs eagerly and forward only (its backward needs CUDA): these tests check that the block
+# mask encodes exactly the reference rule; tests/test_model_cuda.py compares the compiled kernel and its gradients.
+def _key_patterns() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows: right padding, left padding, padding on both sides, all valid, a single valid key; their bidir
+    lengths cover fully causal (0), a partial prefix and a fully bidirectional row."""
+    key_valid = torch.tensor([[True] * 9 + [False] * 3,
+                              [False] * 4 + [True] * 8,
+                              [False] * 2 + [True] * 7 + [False] * 3,
+                              [True] * 12,
+                              [True] + [False] * 11])
+    bidir = torch.tensor([4, 6, 0, 12, 1])
+    return key_valid, bidir
+
+
+@needs_flex
+@pytest.mark.parametrize("q_start", [0, 7, 11])
+def test_flex_attention_equals_the_dense_mask_reference(q_start: int) -> None:
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    key_valid, bidir = _key_patterns()
+    q_len = key_valid.shape[1] - q_start
+    x = torch.randn(5, q_len, 32)
+    cache_args = {}
+    if q_start:  # decode-style rows: earlier keys come from a filled cache
+        cache = KVCache(1, 5, 4, key_valid.shape[1], 8, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            _, k, v = attn.qkv(torch.randn(5, q_start, 32)).view(5, q_start, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        cache.update(0, k, v)
+        cache.advance(q_start)
+        cache_args = {"cache": cache}
+    dense = prefix_lm_mask(key_valid, bidir, q_start, q_len)
+    block = prefix_lm_block_mask(key_valid, bidir, q_start, q_len)
+    assert is_block_mask(block) and not is_block_mask(dense)
+    with torch.no_grad():
+        ref = attn(x, dense, **cache_args)
+        if q_start:
+            cache_args["cache"].length = q_start  # the first call wrote this step's keys; rewrite the same ones
+        out = attn(x, block, **cache_args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_flex
+@pytest.mark.parametrize("images", [True, False])
+def test_model_on_flex_equals_the_reference_with_padding_text_only_rows_and_image_only_prefixes(images) -> None:
+    model = _model()
+    batch = _batch(b=4, t=10, images=images)
+    batch["attention_mask"][1, 6:] = False
+    batch["attention_mask"][3, 3:] = False
+    batch["prefix_len"] = torch.tensor([4, 0, 10, 3])  # partial, causal text (image-only prefix), all bidirectional
+    if images:
+        batch["image_mask"] = torch.tensor([True, True, False, True])  # row 2 is a text-only row
+    ref = _logits(model, batch)
+    model.attention_impl = "flex"
+    out = _logits(model, batch)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_flex
+@pytest.mark.parametrize("images", [True, False])
+def test_generation_on_flex_equals_the_reference_with_and_without_cache(images) -> None:
+    model = _model()
+    prompts = _batch(b=3, t=6, images=images)
+    prompts["attention_mask"][1, 4:] = False
+    prompts["attention_mask"][2, 2:] = False
+    prompts = {k: v for k, v in prompts.items() if k != "prefix_len"}
+    kwargs = dict(max_new_tokens=5, eos_token_id=-1)
+    ref = model.generate(**prompts, use_cache=True, **kwargs)
+    model.attention_impl = "flex"
+    assert torch.equal(model.generate(**prompts, use_cache=True, **kwargs), ref)
+    assert torch.equal(model.generate(**prompts, use_cache=False, **kwargs), ref)
+
+
+def test_attention_impl_choice_and_bad_names() -> None:
+    key_valid, bidir = _key_patterns()
+    # on the CPU "auto" is the dense reference; so is any single-token decode step and attention dropout
+    assert not is_block_mask(build_attention_mask(key_valid, bidir, 0, 12, "auto"))
+    assert not is_block_mask(build_attention_mask(key_valid, bidir, 0, 12, "sdpa"))
+    if flex_attention is not None:
+        assert is_block_mask(build_attention_mask(key_valid, bidir, 0, 12, "flex"))
+    with pytest.raises(ValueError, match="attention impl 'fast' must be one of"):
+        build_attention_mask(key_valid, bidir, 0, 12, "fast")
+    model = _model()
+    model.attention_impl = "fast"
+    with pytest.raises(ValueError, match="attention impl 'fast'"):
+        model(_batch())
+
+
+@needs_flex
+def test_flex_refuses_attention_dropout_in_training() -> None:
+    attn = Attention(32, 4, dropout=0.1).train()
+    key_valid, bidir = _key_patterns()
+    with pytest.raises(ValueError, match="FlexAttention has no attention dropout"):
+        attn(torch.randn(5, 12, 32), prefix_lm_block_mask(key_valid, bidir))

@@ -1,5 +1,7 @@
 """CUDA-only: the grouped_mm expert path against the per-expert fallback, and a full MoELayer under bf16 autocast
-against the same layer in fp32 on the CPU. Skipped without a GPU (and the grouped tests without grouped_mm/SM80+)."""
+against the same layer in fp32 on the CPU; compiled FlexAttention against the dense-mask reference (outputs and
+gradients, the model, generation with the cache); a training step free of host syncs; compiled blocks. Skipped
+without a GPU (and the grouped tests without grouped_mm/SM80+)."""
 
 from __future__ import annotations
 
@@ -144,3 +146,187 @@ def test_moe_layer_under_cuda_autocast_matches_fp32_cpu(router, top_k, cf) -> No
         assert _rel(pg.grad, pc.grad) < TOL, (name, _rel(pg.grad, pc.grad))
     for w in (gpu.experts.w_gate, gpu.experts.w_up, gpu.experts.w_down):
         assert torch.equal(w.grad[5], torch.zeros_like(w.grad[5]))
+
+
+# ------------------------------------------------------------------------------------------- FlexAttention
+def _key_patterns(device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right, left and two-sided padding, a full row and a single valid key; causal, partial and full prefixes;
+    a length that is not a multiple of FlexAttention's 128-block."""
+    s = 200
+    valid = torch.zeros(5, s, dtype=torch.bool)
+    valid[0, :150] = True
+    valid[1, 60:] = True
+    valid[2, 10:170] = True
+    valid[3] = True
+    valid[4, 0] = True
+    bidir = torch.tensor([40, 100, 0, 200, 1])
+    return valid.to(device), bidir.to(device)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_flex_attention_output_and_gradients_equal_the_dense_mask_reference(dtype, tol) -> None:
+    from m6lit.model import Attention
+    from m6lit.model.attention import prefix_lm_block_mask, prefix_lm_mask
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4).cuda().to(dtype)
+    ref_attn = copy.deepcopy(attn)
+    key_valid, bidir = _key_patterns()
+    x = torch.randn(5, key_valid.shape[1], 64, device="cuda", dtype=dtype)
+    out_grad = torch.randn_like(x)
+    xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = attn(xf, prefix_lm_block_mask(key_valid, bidir))
+    ref = ref_attn(xr, prefix_lm_mask(key_valid, bidir))
+    (out.float() * out_grad.float()).sum().backward()
+    (ref.float() * out_grad.float()).sum().backward()
+    assert _rel(out, ref) < tol
+    assert _rel(xf.grad, xr.grad) < tol
+    for (name, p), q in zip(attn.named_parameters(), ref_attn.parameters()):
+        assert _rel(p.grad, q.grad) < tol, name
+
+
+def _tiny_model(**overrides):
+    from m6lit.model import M6Config, M6Model
+
+    base = dict(vocab_size=64, d_model=64, n_heads=4, d_ff=128, num_layers=4, num_unique_blocks=2, moe_layers=2,
+                num_experts=8, top_k=2, image_size=32, patch_size=8, max_seq_len=96)
+    base.update(overrides)
+    torch.manual_seed(0)
+    return M6Model(M6Config(**base)).cuda()
+
+
+def _contract_batch(b: int = 4, t: int = 24, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 64, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 15:] = False
+    mask[3, 5:] = False
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~mask, -100),
+             "prefix_len": torch.tensor([4, 0, 24, 3]), "pixel_values": torch.randn(b, 3, 32, 32, generator=g),
+             "image_mask": torch.tensor([True, True, False, True])}
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+def test_model_on_flex_equals_the_sdpa_reference_under_bf16_autocast() -> None:
+    from m6lit.model import lm_loss
+
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    ref.attention_impl = "sdpa"
+    batch = _contract_batch()
+    grads = []
+    for m in (model, ref):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(batch)
+            loss = lm_loss(out.logits, batch["labels"]) + out.aux_loss
+        loss.backward()
+        grads.append((out.logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (lf, gf), (lr, gr) = grads
+    assert _rel(lf, lr) < 2e-2
+    assert gf.keys() == gr.keys()
+    for name in gr:
+        assert _rel(gf[name], gr[name]) < 5e-2, name
+
+
+def test_generation_with_the_cache_is_equal_on_flex_and_sdpa() -> None:
+    model = _tiny_model().eval()
+    batch = _contract_batch()
+    prompts = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
+    kwargs = dict(max_new_tokens=6, eos_token_id=-1)
+    flex_cached = model.generate(**prompts, use_cache=True, **kwargs)
+    flex_uncached = model.generate(**prompts, use_cache=False, **kwargs)
+    model.attention_impl = "sdpa"
+    assert torch.equal(flex_cached, model.generate(**prompts, use_cache=True, **kwargs))
+    assert torch.equal(flex_uncached, flex_cached)
+
+
+# ------------------------------------------------------------------------------------------- training step
+class _SyncDebug:
+    """Turns on torch.cuda.set_sync_debug_mode("error") for batches [first, last] (hooks, optimizer step and the
+    code between batches included) — after the first steps, which compile kernels."""
+
+    def __new__(cls, first: int, last: int):
+        import lightning as L
+
+        class _Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                torch.cuda.set_sync_debug_mode("error" if first <= batch_idx <= last else "default")
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return _Callback()
+
+
+@pytest.mark.parametrize("moe_layers", ["none", 2])
+def test_training_steps_do_not_sync_with_the_host(moe_layers) -> None:
+    """The default (resident) path: Trainer, bf16-mixed, FlexAttention, logging every step's host metrics."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from m6lit.module import M6LitModule
+
+    torch.manual_seed(0)
+    module = M6LitModule(_tiny_model(moe_layers=moe_layers).config.to_dict(), warmup_steps=2)
+    rows = [{k: v[i].cpu() for k, v in _contract_batch(seed=s).items()} for s in range(8) for i in range(4)]
+    data = DataLoader(rows, batch_size=4, collate_fn=lambda r: {k: torch.stack([x[k] for x in r]) for k in r[0]},
+                      pin_memory=True)
+    trainer = L.Trainer(max_steps=7, accelerator="cuda", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1000, callbacks=[_SyncDebug(2, 5)])
+    try:
+        trainer.fit(module, data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 7
+    assert float(trainer.callback_metrics["train/tokens_per_sec"]) > 0
+
+
+def test_non_finite_loss_still_stops_on_cuda() -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from m6lit.module import M6LitModule
+
+    class _Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                batch["pixel_values"].fill_(float("nan"))
+
+    module = M6LitModule(_tiny_model().config.to_dict(), warmup_steps=2)
+    rows = [{k: v[i].cpu() for k, v in _contract_batch(seed=s).items()} for s in range(4) for i in range(4)]
+    data = DataLoader(rows, batch_size=4, collate_fn=lambda r: {k: torch.stack([x[k] for x in r]) for k in r[0]})
+    trainer = L.Trainer(max_steps=4, accelerator="cuda", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1)
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* at global step 2"):
+        trainer.fit(module, data)
+
+
+def test_compiled_blocks_train_like_eager_on_cuda() -> None:
+    from m6lit.model import delink, lm_loss
+
+    torch._dynamo.reset()
+    eager = _tiny_model()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    batch = _contract_batch()
+    for step in range(2):
+        if step == 1:
+            for m in (compiled, eager):
+                delink(m)
+        results = []
+        for m in (compiled, eager):
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = m(batch)
+                loss = lm_loss(out.logits, batch["labels"]) + out.aux_loss
+            loss.backward()
+            results.append((loss.detach().float(), {n: p.grad for n, p in m.named_parameters()
+                                                    if p.grad is not None}))
+        (lc, gc), (le, ge) = results
+        assert abs(float(lc) - float(le)) < 2e-2 * abs(float(le))
+        assert gc.keys() == ge.keys()
+        for name in ge:
+            assert _rel(gc[name], ge[name]) < 5e-2, (step, name)
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)

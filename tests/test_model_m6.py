@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m6lit.model import IGNORE_INDEX, M6Config, M6Model, lm_loss, token_stats
+from m6lit.model.m6 import chunked_lm_loss
 
 VOCAB = 64
 EOS, PAD = 1, 0
@@ -296,3 +297,85 @@ def test_generate_length_limit_does_not_depend_on_padding_width() -> None:
     assert torch.equal(model.generate(**wide, max_new_tokens=39, eos_token_id=-1), ok)
     with pytest.raises(ValueError, match="4 image patches \\+ 5 prompt positions \\+ max_new_tokens=40"):
         model.generate(**wide, max_new_tokens=40, eos_token_id=-1)
+
+
+# ------------------------------------------------------------------------------------------ chunked loss
+@pytest.mark.parametrize("chunk", [1, 5, 7, 1000])
+def test_chunked_lm_loss_equals_the_plain_loss_and_its_gradients(chunk: int) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 6))
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, 4:] = IGNORE_INDEX
+    plain = lm_loss(hidden @ weight.T, labels)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    chunked = chunked_lm_loss(hidden, weight, labels, chunk)
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(chunked_lm_loss(hidden, weight, torch.full_like(labels, IGNORE_INDEX), chunk)) == 0.0
+
+
+def test_chunked_lm_loss_through_the_model_skips_the_logits() -> None:
+    model = _model().train()
+    batch = _prompts(images=True)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"], IGNORE_INDEX)
+    full = model(batch)
+    lean = model(batch, compute_logits=False)
+    assert lean.logits.numel() == 0 and lean.hidden is not None
+    loss = chunked_lm_loss(lean.hidden[:, lean.image_len:], model.lm_head.weight, labels, chunk_tokens=3)
+    torch.testing.assert_close(loss, lm_loss(full.logits, labels), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        chunked_lm_loss(lean.hidden, model.lm_head.weight, labels, chunk_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------- compile
+def _loss_and_grads(model: M6Model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"], IGNORE_INDEX)
+    loss = lm_loss(out.logits, labels) + out.aux_loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(compiled: M6Model, eager: M6Model, batch: dict) -> None:
+    loss_c, grads_c = _loss_and_grads(compiled, batch)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_blocks_equal_eager_and_survive_a_delink_and_an_expert_split() -> None:
+    import copy
+
+    from m6lit.model import apply_expert_op, delink
+
+    torch._dynamo.reset()
+    eager = _model().train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks(backend="aot_eager")
+    batch = _prompts(images=True)
+    _assert_same_step(compiled, eager, batch)
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)
+    assert all(b._compiled_call_impl is None for b in eager.blocks)
+    # delink: the clones are deep copies, which come back uncompiled; the next forward compiles them
+    for m in (compiled, eager):
+        delink(m)
+    assert len(compiled.blocks) == 4
+    _assert_same_step(compiled, eager, batch)
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)
+    with torch.no_grad():  # the new blocks really are the ones that run: change one, the outputs follow
+        for m in (compiled, eager):
+            m.blocks[3].attn.proj.weight.mul_(3.0)
+    _assert_same_step(compiled, eager, batch)
+    # expert split in place: parameters and expert counts change under the compiled call
+    for m in (compiled, eager):
+        apply_expert_op(m, "split", 2, noise=0.0)
+    assert compiled.blocks[1].ffn.num_experts == 8
+    _assert_same_step(compiled, eager, batch)
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)

@@ -73,16 +73,33 @@ class _Poison(L.Callback):
             pl_module.model.blocks[2].attn.qkv.weight.grad.fill_(float("inf"))
 
 
-@pytest.mark.parametrize("where,message", [("input", "non-finite training loss .* at global step 3"),
-                                           ("grad", r"non-finite gradient \(first in model.blocks.2.attn.qkv.weight\)"
-                                                    r" at global step 3")])
+@pytest.mark.parametrize("where,message,log_every", [
+    # on a logging step the loss flag is read before the backward: the loss is named
+    ("input", "non-finite training loss .* at global step 3", 1),
+    # between logging steps the loss flag is not read; the non-finite gradients it causes stop the step
+    ("input", r"non-finite gradient \(first in .*\) at global step 3", 50),
+    ("grad", r"non-finite gradient \(first in model.blocks.2.attn.qkv.weight\) at global step 3", 50)])
 def test_non_finite_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path, where: str,
-                                                                            message: str) -> None:
+                                                                            message: str, log_every: int) -> None:
     with pytest.raises(FloatingPointError, match=message):
-        fit(_module(), 10, callbacks=[_Poison(3, where)], dirpath=tmp_path)
+        fit(_module(), 10, callbacks=[_Poison(3, where)], dirpath=tmp_path, log_every_n_steps=log_every)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_flag_is_read_before_a_checkpoint_is_written(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without any gradient guard and between logging steps, the device flag still stops the run at the next
+    checkpoint write, naming the step of the bad loss, and the last checkpoint on disk stays the good one."""
+    module = _module()
+    monkeypatch.setattr(module, "on_before_optimizer_step", lambda optimizer: None)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 3"):
+        fit(module, 10, callbacks=[_Poison(3, "input")], dirpath=tmp_path, log_every_n_steps=50)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "step=4.ckpt").exists()
 
 
 def test_config_dict_hparams_rebuild_from_checkpoint(tmp_path: Path) -> None:
@@ -103,3 +120,58 @@ def test_bad_arguments() -> None:
         M6LitModule(tiny_config(), min_lr_ratio=2)
     with pytest.raises(ValueError, match="unknown key"):
         M6LitModule({"d_model": 32, "colour": "red"})
+
+
+def test_throughput_metrics_follow_host_counts_and_the_flops_formula() -> None:
+    from m6lit.model.flops import training_flops
+
+    module = M6LitModule(tiny_config(), warmup_steps=2, peak_flops=1e9)
+    trainer, _ = fit(module, 4, log_every_n_steps=1)
+    m = trainer.callback_metrics
+    tokens, samples, mfu = (float(m[k]) for k in ("train/tokens_per_sec", "train/samples_per_sec", "train/mfu"))
+    assert tokens > 0 and samples > 0 and float(m["train/first_step_sec"]) > 0
+    # ContractBatches: 4 rows of 12 text tokens + 4 image patches
+    assert tokens / samples == pytest.approx(16.0)
+    per_batch = training_flops(module.config, text_positions=4 * 12, image_positions=4 * 4, seq_len=16)
+    assert mfu * 1e9 == pytest.approx(per_batch * samples / 4, rel=1e-5)
+    assert {"train/tokens_per_sec", "train/mfu", "lr"} <= set(trainer.progress_bar_metrics)
+    assert m["train/tokens_per_sec"].device.type == "cpu"  # host values: logging them moves nothing
+
+
+def test_no_mfu_without_a_known_peak_on_the_cpu() -> None:
+    trainer, _ = fit(_module(), 2, log_every_n_steps=1)
+    assert "train/tokens_per_sec" in trainer.callback_metrics and "train/mfu" not in trainer.callback_metrics
+
+
+def test_chunked_loss_trains_like_the_plain_loss() -> None:
+    _, plain = fit(_module(), 3)
+    torch.manual_seed(0)
+    _, chunked = fit(M6LitModule(tiny_config(), warmup_steps=2, loss_chunk_tokens=7), 3)
+    assert [s for s, _ in chunked.rows] == [s for s, _ in plain.rows]
+    for (_, a), (_, b) in zip(chunked.rows, plain.rows):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_compile_blocks_flag_compiles_every_block() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = M6LitModule(tiny_config(), warmup_steps=2, compile_blocks={"backend": "aot_eager"})
+    _, compiled = fit(module, 2)
+    assert all(b._compiled_call_impl is not None for b in module.model.blocks)
+    _, eager = fit(_module(), 2)
+    for (_, a), (_, b) in zip(compiled.rows, eager.rows):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_token_ids_are_checked_on_the_host_batch() -> None:
+    module = _module()
+    batch = {"input_ids": torch.tensor([[3, 64]]), "attention_mask": torch.ones(1, 2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"ids outside \[0, vocab_size=64\) \(min 3, max 64\)"):
+        module.on_before_batch_transfer(batch, 0)
+    batch["input_ids"] = torch.tensor([[3, 63]])
+    assert module.on_before_batch_transfer(batch, 0) is batch
+    assert module._host_counts == (1, 2, 0, 2)
+    with pytest.raises(ValueError, match="loss_chunk_tokens=0"):
+        M6LitModule(tiny_config(), loss_chunk_tokens=0)
+    with pytest.raises(ValueError, match="peak_flops=0"):
+        M6LitModule(tiny_config(), peak_flops=0)

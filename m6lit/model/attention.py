@@ -2,15 +2,34 @@
 
 Sequence layout: [image patches][prefix text][target text]. Image patches and the first `prefix_len` text tokens
 attend to each other bidirectionally; target tokens attend causally; padding keys are never attended to.
+
+Two implementations of the same mask: a dense boolean `[B, 1, Sq, Sk]` mask for `scaled_dot_product_attention`
+(the reference, used on the CPU, for single-token decode steps and with attention dropout), and a FlexAttention
+`BlockMask` on CUDA, whose kernel skips fully masked blocks and never materialises the `Sq x Sk` mask. The compiled
+FlexAttention kernel is built once per process and reused; sequence lengths are bucketed by the collate's padding
+(multiples of 8), and after the first length change torch.compile generalises to dynamic lengths, so a run
+compiles the kernel at most twice.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch without FlexAttention: the SDPA mask path only
+    BlockMask = None  # type: ignore[assignment,misc]
+    create_block_mask = flex_attention = None  # type: ignore[assignment]
+
+#: what `Attention.forward` accepts as its mask: the dense boolean reference mask or a FlexAttention BlockMask
+AttentionMask = Union[Tensor, Any]
+
+#: FlexAttention's block size: key validity is padded by one block so the mask function never indexes past it
+FLEX_BLOCK = 128
 
 
 def prefix_lm_mask(key_valid: Tensor, bidir_len: Tensor, q_start: int = 0, q_len: Optional[int] = None) -> Tensor:
@@ -28,6 +47,62 @@ def prefix_lm_mask(key_valid: Tensor, bidir_len: Tensor, q_start: int = 0, q_len
     allowed = key_valid.view(-1, 1, key_len) & ((j < bidir_len.view(-1, 1, 1)) | (j <= i))
     allowed = allowed | (j == i)
     return allowed.unsqueeze(1)
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether FlexAttention's compiled kernel can run on `device` (CUDA with a torch that ships it)."""
+    return flex_attention is not None and torch.device(device).type == "cuda"
+
+
+def prefix_lm_block_mask(key_valid: Tensor, bidir_len: Tensor, q_start: int = 0,
+                         q_len: Optional[int] = None) -> Any:
+    """The FlexAttention `BlockMask` of `prefix_lm_mask` (same arguments, same rule, no dense `[Sq, Sk]` tensor
+    kept: the block mask holds per-block indices only)."""
+    if create_block_mask is None:
+        raise RuntimeError("this torch has no torch.nn.attention.flex_attention; use prefix_lm_mask")
+    b, key_len = key_valid.shape
+    q_len = key_len - q_start if q_len is None else q_len
+    # the mask function may be evaluated on indices of a partial last block: pad validity with False
+    valid = F.pad(key_valid.bool(), (0, FLEX_BLOCK))
+    bidir = bidir_len.to(device=key_valid.device, dtype=torch.long)
+
+    def mask_mod(bi: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
+        q_pos = qi + q_start
+        return (valid[bi, kj] & ((kj < bidir[bi]) | (kj <= q_pos))) | (kj == q_pos)
+
+    return create_block_mask(mask_mod, b, None, q_len, key_len, device=key_valid.device)
+
+
+_compiled_flex: Optional[Callable[..., Tensor]] = None
+
+
+def _flex() -> Callable[..., Tensor]:
+    """The process-wide compiled FlexAttention kernel (compiled lazily, once)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+ATTENTION_IMPLS = ("auto", "flex", "sdpa")
+
+
+def build_attention_mask(key_valid: Tensor, bidir_len: Tensor, q_start: int, q_len: int, impl: str = "auto",
+                         dropout: bool = False) -> AttentionMask:
+    """The prefix-LM mask for the chosen implementation: "sdpa" the dense reference, "flex" a BlockMask, "auto"
+    a BlockMask on CUDA for multi-token queries without attention dropout and the dense mask otherwise (single-token
+    decode steps gain nothing from block sparsity)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} must be one of {ATTENTION_IMPLS}")
+    use_flex = impl == "flex" or (impl == "auto" and flex_available(key_valid.device) and q_len > 1 and not dropout)
+    if use_flex:
+        return prefix_lm_block_mask(key_valid, bidir_len, q_start, q_len)
+    return prefix_lm_mask(key_valid, bidir_len, q_start, q_len)
+
+
+def is_block_mask(mask: Any) -> bool:
+    """Whether `mask` is a FlexAttention BlockMask (rather than the dense boolean reference mask)."""
+    return BlockMask is not None and isinstance(mask, BlockMask)
 
 
 class KVCache:
@@ -59,7 +134,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+    """Multi-head self-attention: FlexAttention when given a BlockMask, else `F.scaled_dot_product_attention`
+    with the dense boolean mask."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -69,11 +145,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, mask: AttentionMask, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if is_block_mask(mask):
+            if self.training and self.dropout > 0:
+                raise ValueError("FlexAttention has no attention dropout; build the dense mask when dropout > 0")
+            # inside a compiled block torch.compile fuses flex_attention itself; eager FlexAttention off CUDA is
+            # the unfused reference (forward only), used by the CPU tests
+            fused = q.is_cuda and not torch.compiler.is_compiling()
+            out = (_flex() if fused else flex_attention)(q, k, v, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))

@@ -11,6 +11,13 @@ from torch import Tensor, nn
 IMAGE, TEXT = 0, 1
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Raise ValueError if any id lies outside [0, vocab_size) (reads the tensor: call it on host tensors)."""
+    if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
+        raise ValueError(f"input_ids hold ids outside [0, vocab_size={vocab_size}) (min {int(input_ids.min())}, "
+                         f"max {int(input_ids.max())}); check that config.vocab_size matches the tokenizer")
+
+
 class ImagePatchEmbed(nn.Module):
     """Patchify pixels [B, C, H, W] into [B, P, D] with a strided conv and add learned patch positions.
 
@@ -51,11 +58,14 @@ class M6Embeddings(nn.Module):
         self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone)
         self.max_seq_len = max_seq_len
 
+    #: check the id range of accelerator tensors too (a host sync per forward: a debug switch). Host tensors are
+    #: always checked; training batches are checked on the host before they move (M6LitModule)
+    check_ids: bool = False
+
     def text(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
         """[B, T] token ids at text positions `position_ids` → [B, T, D]."""
-        if int(input_ids.max()) >= self.tokens.num_embeddings or int(input_ids.min()) < 0:
-            raise ValueError(f"input_ids hold ids outside [0, vocab_size={self.tokens.num_embeddings}); "
-                             f"check that config.vocab_size matches the tokenizer")
+        if (self.check_ids or input_ids.device.type == "cpu") and input_ids.numel():
+            check_token_ids(input_ids, self.tokens.num_embeddings)
         return self.tokens(input_ids) + self.text_pos(position_ids) + self.modality.weight[TEXT]
 
     def image(self, pixel_values: Tensor) -> Tensor:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, prefix_lm_mask
+from .attention import KVCache, build_attention_mask
 from .block import TransformerBlock, checkpointed_call
 from .config import M6Config
 from .embeddings import M6Embeddings
@@ -49,6 +50,28 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return total / count.clamp(min=1)
 
 
+def chunked_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    """`lm_loss(hidden @ weight.T, labels)` without the full logits: the head and the fp32 cross-entropy run on
+    `chunk_tokens` positions at a time, and each chunk's logits are recomputed in the backward instead of being
+    kept, so at most one chunk of `[chunk_tokens, V]` logits is alive. `hidden` [B, T, D] are the final (normed)
+    text hidden states, `weight` [V, D] the LM head."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunked_lm_loss: chunk_tokens={chunk_tokens} must be >= 1")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, D], N = B·(T-1)
+    targets = labels[:, 1:].reshape(-1)  # [N]
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        total = total + checkpoint(_chunk_nll, h[start:start + chunk_tokens], weight,
+                                   targets[start:start + chunk_tokens], use_reentrant=False)
+    count = (targets != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1)
+
+
+def _chunk_nll(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(summed NLL, number of target tokens, number predicted correctly) with the same shift as `lm_loss`."""
     logits = logits[:, :-1].float()
@@ -72,6 +95,8 @@ class M6Model(nn.Module):
         kinds = config.block_is_moe()
         self.blocks = nn.ModuleList(self.build_block(moe, block) for block, moe in enumerate(kinds))
         self.layer_to_block: list[int] = config.layer_to_block()
+        #: attention implementation: "auto" (FlexAttention on CUDA), "flex" or "sdpa" (dense-mask reference)
+        self.attention_impl = "auto"
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()
@@ -109,9 +134,34 @@ class M6Model(nn.Module):
         patch_fan_in = self.config.in_channels * self.config.patch_size ** 2
         nn.init.normal_(self.embed.patches.pos, std=std * math.sqrt(patch_fan_in))
 
+    # ------------------------------------------------------------------ compilation
+    def compile_blocks(self, **options: Any) -> None:
+        """`torch.compile` every physical block in place (`nn.Module.compile`, state-dict names unchanged) with
+        `options` (backend, mode, ...). Blocks that appear later (delink, expert split, a checkpoint's shape) are
+        compiled on their first forward, and a block whose submodules change is recompiled by torch.compile's
+        guards, so structural changes never run a stale graph."""
+        self._compile_options = dict(options)
+        self._compiled_blocks = {}
+        self._compile_new_blocks()
+
+    def _compile_new_blocks(self) -> None:
+        options = getattr(self, "_compile_options", None)
+        if options is None:
+            return
+        compiled: dict[int, nn.Module] = self._compiled_blocks
+        if len(compiled) == len(self.blocks) and all(compiled.get(id(b)) is b for b in self.blocks):
+            return
+        # new blocks (a delink's deep copies drop their source's compiled call) run eager until compiled here
+        for block in self.blocks:
+            if compiled.get(id(block)) is not block:
+                block.compile(**options)
+        self._compiled_blocks = {id(b): b for b in self.blocks}
+
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False) -> M6Output:
-        """Run the batch contract: [image patches][prefix text][target text] → logits over text positions."""
+    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False,
+                compute_logits: bool = True) -> M6Output:
+        """Run the batch contract: [image patches][prefix text][target text] → logits over text positions.
+        `compute_logits=False` skips the LM head (logits empty; for `chunked_lm_loss` on the returned hidden)."""
         if "input_ids" not in batch:
             raise KeyError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
         input_ids = batch["input_ids"]
@@ -126,7 +176,7 @@ class M6Model(nn.Module):
         x, key_valid, p = self._embed(input_ids, positions, attention_mask.bool(), batch.get("pixel_values"),
                                       batch.get("image_mask"))
         hidden, stats = self._transformer(x, key_valid, p + prefix_len, 0, None)
-        return self._output(hidden, stats, p, return_hidden)
+        return self._output(hidden, stats, p, return_hidden or not compute_logits, compute_logits)
 
     def _embed(self, input_ids: Tensor, positions: Tensor, attention_mask: Tensor, pixel_values: Optional[Tensor],
                image_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
@@ -149,7 +199,9 @@ class M6Model(nn.Module):
     def _transformer(self, x: Tensor, key_valid: Tensor, bidir_len: Tensor, q_start: int,
                      cache: Optional[KVCache]) -> tuple[Tensor, dict[int, MoEAux]]:
         self._check_length(q_start + x.shape[1] if cache is not None else x.shape[1])
-        mask = prefix_lm_mask(key_valid, bidir_len, q_start, x.shape[1])
+        self._compile_new_blocks()
+        mask = build_attention_mask(key_valid, bidir_len, q_start, x.shape[1], self.attention_impl,
+                                    dropout=self.training and self.config.dropout > 0)
         token_mask = key_valid[:, q_start:q_start + x.shape[1]]
         stats: dict[int, MoEAux] = {}
         recompute = cache is None and torch.is_grad_enabled() and self.config.activation_checkpointing is not None
@@ -164,8 +216,9 @@ class M6Model(nn.Module):
             cache.advance(x.shape[1])
         return self.norm(x), stats
 
-    def _output(self, hidden: Tensor, stats: dict[int, MoEAux], image_len: int, return_hidden: bool) -> M6Output:
-        logits = self.lm_head(hidden[:, image_len:])
+    def _output(self, hidden: Tensor, stats: dict[int, MoEAux], image_len: int, return_hidden: bool,
+                compute_logits: bool = True) -> M6Output:
+        logits = self.lm_head(hidden[:, image_len:]) if compute_logits else hidden.new_empty(0)
         if stats:
             balance = torch.stack([s.balance_loss for s in stats.values()]).mean()
             z = torch.stack([s.z_loss for s in stats.values()]).mean()
