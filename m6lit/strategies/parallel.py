@@ -57,8 +57,8 @@ def _read_checkpoint_meta(path: Union[str, Path]) -> dict[str, Any]:
     """The non-tensor part of a Lightning checkpoint: a distributed-checkpoint folder's meta file, or a file."""
     path = Path(path)
     if path.is_dir():
-        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 def _pending_structure_changes(trainer: Any, done_step: int, num_blocks: int) -> list[str]:
@@ -74,6 +74,18 @@ def _pending_structure_changes(trainer: Any, done_step: int, num_blocks: int) ->
             pending += [f"ExpertSplitMerge {e.op} x{e.factor} at step {e.step}" for e in cb.events
                         if e.step > done_step]
     return pending
+
+
+def refuse_scheduled_changes(strategy: Any, trainer: Any, done_step: int, num_blocks: int) -> None:
+    """Fail at setup, before any step, when a callback schedules a structural change this strategy cannot apply."""
+    which = strategy.unsupported_changes
+    pending = [p for p in _pending_structure_changes(trainer, done_step, num_blocks)
+               if which == "all" or p.startswith(which)]
+    if pending:
+        raise RuntimeError(f"{type(strategy).__name__} cannot apply {'; '.join(pending)} mid-run: "
+                           f"{strategy.unsupported_reason}. Run the phase up to the change on a single device or ddp, "
+                           f"then resume from its checkpoint with {strategy.strategy_name} (the checkpoint's "
+                           f"structure is rebuilt before sharding).")
 
 
 def _rebuild_structure_for_resume(trainer: Any, lightning_module: Any) -> int:
@@ -106,6 +118,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     strategy_name = "m6_fsdp"
+    unsupported_changes = "all"
+    unsupported_reason = ("fully_shard swaps each block's parameters for DTensor shards and forbids copying the "
+                          "module, so the change would fail or train stale shards")
 
     def __init__(self, activation_checkpointing: bool = False, cpu_offload: Optional[list[str]] = None,
                  reshard_after_forward: bool = True, data_parallel_size: Union[Literal["auto"], int] = "auto",
@@ -172,14 +187,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         done_step = _rebuild_structure_for_resume(trainer, self.lightning_module)
         root = _sharded_root(self.lightning_module, type(self).__name__)
         if trainer.state.fn == TrainerFn.FITTING:
-            pending = _pending_structure_changes(trainer, done_step, len(root.blocks))
-            if pending:
-                raise RuntimeError(
-                    f"{type(self).__name__} cannot apply {'; '.join(pending)} mid-run: fully_shard swaps each "
-                    f"block's parameters for DTensor shards and forbids copying the module, so the change would "
-                    f"fail or train stale shards. Run the phase up to the change on a single device, ddp or m6_ep, "
-                    f"then resume from its checkpoint with m6_fsdp (the checkpoint's structure is rebuilt before "
-                    f"sharding).")
+            refuse_scheduled_changes(self, trainer, done_step, len(root.blocks))
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -215,6 +223,8 @@ class ExpertParallelStrategy(DDPStrategy):
     """
 
     strategy_name = "m6_ep"
+    unsupported_changes = "ExpertSplitMerge"
+    unsupported_reason = "each rank holds a slice of the experts and the op indexes all of them"
 
     def __init__(self, expert_parallel_size: Union[Literal["auto"], int] = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -251,13 +261,7 @@ class ExpertParallelStrategy(DDPStrategy):
         done_step = _rebuild_structure_for_resume(trainer, self.lightning_module) if trainer.ckpt_path else 0
         if trainer.state.fn == TrainerFn.FITTING:
             root = _sharded_root(self.lightning_module, type(self).__name__)
-            pending = [p for p in _pending_structure_changes(trainer, done_step, len(root.blocks))
-                       if p.startswith("ExpertSplitMerge")]
-            if pending:
-                raise RuntimeError(
-                    f"{type(self).__name__} cannot apply {'; '.join(pending)} mid-run: each rank holds a slice of "
-                    f"the experts and the op indexes all of them. Make the change on a single device or ddp, then "
-                    f"resume from its checkpoint with m6_ep (experts are re-sharded on load).")
+            refuse_scheduled_changes(self, trainer, done_step, len(root.blocks))
         self._shard()
         super().setup(trainer)
 
