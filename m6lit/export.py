@@ -52,12 +52,15 @@ class ExportError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a Lightning checkpoint on CPU with `weights_only=True`; clear errors for a missing or unreadable file."""
+    """Read a Lightning checkpoint on CPU with `weights_only=True` — a file, or the folder a distributed checkpoint
+    (FSDP2, `save_distributed_checkpoint`) writes; clear errors for a missing or unreadable one."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() and (path / "meta.pt").is_file():
+        ckpt = _read_distributed_checkpoint(path)
+    elif not path.is_file():
         raise ExportError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = ckpt if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ExportError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); is it a complete "
                           f"Lightning checkpoint?") from err
@@ -67,6 +70,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ExportError(f"checkpoint {str(path)!r} has no hyper_parameters['config'] (the model config); was it "
                           f"saved by m6lit's M6LitModule?")
     return ckpt
+
+
+def _read_distributed_checkpoint(folder: Path) -> dict[str, Any]:
+    """A Lightning distributed-checkpoint folder as one checkpoint dict: the shards consolidated with torch's own
+    `dcp_to_torch_save` (through a temporary file) plus the `meta.pt` Lightning writes beside them."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="m6lit-dcp-") as tmp:
+        out = Path(tmp) / "shards.pt"
+        try:
+            dcp_to_torch_save(folder, out)
+            shards = torch.load(out, map_location="cpu", weights_only=True)
+            meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ExportError(f"distributed checkpoint {str(folder)!r} cannot be read ({type(err).__name__}: "
+                              f"{err})") from err
+    return {**meta, "state_dict": shards.get("state_dict", {})}
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], origin: str = "checkpoint") -> M6Model:

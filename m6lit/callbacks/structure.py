@@ -4,8 +4,8 @@
    and hyperparameters, so LR schedulers keep their references and a resume loads the state without remapping) and
    carry each new parameter's state from its sources through the ParamMap, per policy.
 2. `notify_strategy`: tell the strategy its parameters changed — `on_parameters_changed(param_map)` where the
-   strategy has it (m6lit's offload strategy), a DDP re-wrap for Lightning's stock DDP (its buckets hold the old
-   parameters), nothing for single-device strategies.
+   strategy has it (m6lit's offload and parallel strategies), a DDP re-wrap for Lightning's stock DDP (its buckets
+   hold the old parameters), nothing for a plain single-device strategy, and a clear error for any other strategy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 from m6lit.model import ParamMap
@@ -78,14 +78,34 @@ def rewrite_optimizer(optimizer: torch.optim.Optimizer, new_groups: list[dict[st
 
 
 def notify_strategy(trainer: Trainer, param_map: ParamMap) -> None:
-    """Let the strategy rebuild whatever caches parameter identity."""
+    """Let the strategy rebuild whatever caches parameter identity.
+
+    A strategy with `on_parameters_changed` does it itself; Lightning's plain DDP is re-wrapped (its buckets hold
+    the old parameters); a plain single-device strategy needs nothing. Any other strategy (FSDP, DeepSpeed, model
+    parallel, a subclass without the hook) would keep training the replaced parameters, so the change stops here
+    with an error naming the strategy and the change.
+    """
     strategy = trainer.strategy
     hook = getattr(strategy, "on_parameters_changed", None)
     if callable(hook):
         hook(param_map)
-    elif isinstance(strategy, DDPStrategy):
+    elif type(strategy) is DDPStrategy:
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
+    elif type(strategy) is not SingleDeviceStrategy:
+        raise RuntimeError(
+            f"{type(strategy).__name__} cannot apply a structural change ({describe_change(param_map)}) at global "
+            f"step {trainer.global_step}: it has no on_parameters_changed(param_map) hook, so it would keep training "
+            f"the replaced parameters. Use a strategy that supports it (single device, ddp, m6_offload) for the "
+            f"change, or remove the change from the run.")
+
+
+def describe_change(param_map: ParamMap) -> str:
+    """'delink of 12 parameters (blocks.0.attn.qkv.weight, ...)' — what a ParamMap changes, for messages."""
+    kinds = sorted({link.kind for link in param_map})
+    names = [link.new_name for link in param_map][:3]
+    more = ", ..." if len(param_map) > 3 else ""
+    return f"{'/'.join(kinds) or 'change'} of {len(param_map)} parameters ({', '.join(names)}{more})"
 
 
 def unique_parameters(module: LightningModule) -> int:

@@ -191,6 +191,8 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.router = Router(d_model, num_experts, top_k, router, norm_topk)
         self.experts = GroupedExperts(num_experts, d_model, d_ff)
+        # set by expert_parallel.shard_experts: the experts then hold this rank's slice and run over its group
+        self.expert_parallel: Optional[Any] = None
 
     @property
     def router_kind(self) -> str:
@@ -218,7 +220,10 @@ class MoELayer(nn.Module):
             gates = gates * keep.view(n, k)
 
         rows = _DispatchRows.apply(x2, order, inverse, k)
-        out_sorted = self.experts(rows, counts, gates.reshape(-1)[order])
+        if self.expert_parallel is None:
+            out_sorted = self.experts(rows, counts, gates.reshape(-1)[order])
+        else:
+            out_sorted = self.expert_parallel.run_experts(self.experts, rows, counts, gates.reshape(-1)[order])
         y = _PermuteRows.apply(out_sorted, inverse, order).view(n, k, -1).sum(dim=1, dtype=_accumulate_dtype(x.dtype))
         y = y.to(x.dtype)
 
@@ -245,26 +250,46 @@ class MoELayer(nn.Module):
 
     def _aux(self, logits: Tensor, probs: Tensor, valid: Tensor, routed: Tensor, kept: Tensor) -> MoEAux:
         weight = valid.float()
-        n_valid = weight.sum().clamp(min=1.0)
         lse = torch.logsumexp(logits, dim=-1)
-        z_loss = (lse.square() * weight).sum() / n_valid
         k = self.top_k
         if self.router.kind == "topk":
-            assign = routed.float() / (n_valid * k)
-            mean_prob = (probs * weight.unsqueeze(-1)).sum(0) / n_valid
-            balance = self.num_experts * (assign * mean_prob).sum()
+            prob_sum = (probs * weight.unsqueeze(-1)).sum(0)
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+        else:
+            prob_sum = (probs * weight.view(-1, 1, 1)).sum(0)
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean(-1)
+        sums = [weight.sum(), (lse.square() * weight).sum(), (entropy * weight).sum(), prob_sum, routed, kept]
+        if self.expert_parallel is not None:  # statistics of the expert-parallel group's global batch
+            sums = _all_reduce_sums(sums, self.expert_parallel)
+        n_valid, z_sum, entropy_sum, prob_sum, routed, kept = sums
+        n_valid = n_valid.clamp(min=1.0)
+        z_loss = z_sum / n_valid
+        mean_prob = prob_sum / n_valid
+        if self.router.kind == "topk":
+            assign = routed.float() / (n_valid * k)
+            balance = self.num_experts * (assign * mean_prob).sum()
         else:
             group = self.num_experts // k
             assign = routed.float().view(k, group) / n_valid
-            mean_prob = (probs * weight.view(-1, 1, 1)).sum(0) / n_valid
             balance = group * (assign * mean_prob).sum(-1).mean()
-            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean(-1)
-        entropy = (entropy * weight).sum() / n_valid
+        entropy = entropy_sum / n_valid
         total = routed.sum().clamp(min=1)
         dropped = 1.0 - kept.sum().float() / total.float()
         return MoEAux(balance_loss=balance, z_loss=z_loss, expert_counts=kept, dropped_fraction=dropped,
                       router_entropy=entropy)
+
+
+def _all_reduce_sums(sums: list[Tensor], expert_parallel: Any) -> list[Tensor]:
+    """Sum the routing statistics over the expert-parallel group in one (differentiable) fp64 all-reduce; fp64
+    keeps token counts exact."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in sums])
+    flat = expert_parallel.all_reduce(flat)
+    out = []
+    start = 0
+    for t in sums:
+        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
 
 
 class _DispatchRows(torch.autograd.Function):

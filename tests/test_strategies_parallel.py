@@ -1,0 +1,170 @@
+"""FSDP2 and expert-parallel strategies on two gloo CPU ranks (Lightning launches the second rank of
+tests/scripts/parallel_fit.py), against one process; the structural-change safety rule.
+
+- FSDP2, 2 ranks × batch 4 == one process × batch 4 with 2-batch accumulation over the same samples: losses to 1e-5
+  (FSDP2 reduce-scatters gradients in another summation order), final weights to 1e-5.
+- A distributed checkpoint resumes exactly (losses bitwise), into a module built with shared blocks (the
+  checkpoint's delinked structure is rebuilt before sharding), and `m6lit export` reads the folder.
+- Expert parallel, 2 ranks × batch 4 == one process × batch 8: mean loss per step and final weights to 1e-6; the
+  checkpoint holds the full experts and their optimizer state (any expert-parallel size loads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from _fakes import LossRecorder, tiny_config
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+from m6lit.callbacks import DelinkEvent, ExpertSplitMerge, PseudoToReal
+from m6lit.callbacks.structure import notify_strategy
+from m6lit.model import ParamMap, delink
+from m6lit.module import M6LitModule
+from m6lit.strategies import ExpertParallelStrategy, FSDP2Strategy
+from m6lit.strategies.parallel import refuse_scheduled_changes
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "scripts"))
+from _parallel_data import FixedPrefix, Interleaved, interleaved_loader  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on two local processes")
+
+
+def _run(out: Path, strategy: str, steps: int, **extra: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), str(HERE / "scripts")]),
+           "M6LIT_TEST_OUT": str(out), "M6LIT_STRATEGY": strategy, "M6LIT_STEPS": str(steps), **extra}
+    proc = subprocess.run([sys.executable, str(HERE / "scripts" / "parallel_fit.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _reference(steps: int, batch: int, accumulate: int) -> tuple[list[float], dict]:
+    torch.manual_seed(0)
+    module = M6LitModule(tiny_config(), warmup_steps=1)
+    recorder = LossRecorder()
+    loader = torch.utils.data.DataLoader(FixedPrefix(64), batch_size=batch, sampler=Interleaved(64, 2, 4),
+                                         collate_fn=interleaved_loader(2).collate_fn)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, deterministic=True, callbacks=[recorder])
+    trainer.fit(module, loader)
+    # Lightning reports the accumulated (divided) loss of each micro-batch
+    return [loss * accumulate for _, loss in recorder.rows], module.state_dict()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, _run(out, "fsdp", 4, M6LIT_CKPT_DIR=str(out / "ckpt"))
+
+
+def test_fsdp2_two_ranks_match_one_process(fsdp_run) -> None:
+    _, ranks = fsdp_run
+    losses, state = _reference(4, batch=4, accumulate=2)
+    for rank, result in enumerate(ranks):
+        assert [s for s, _ in result["losses"]] == [1, 2, 3, 4]
+        got = torch.tensor([loss for _, loss in result["losses"]])
+        torch.testing.assert_close(got, torch.tensor(losses[rank::2]), rtol=0, atol=1e-5)
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, state[name], rtol=0, atol=1e-5, msg=name)
+    assert ranks[0]["state"].keys() == state.keys()
+
+
+def test_fsdp2_distributed_checkpoint_resumes_exactly_across_a_delink(fsdp_run, tmp_path: Path) -> None:
+    out, ranks = fsdp_run
+    folder = out / "ckpt" / "step=2.ckpt"
+    assert (folder / "meta.pt").is_file() and len(list(folder.glob("*.distcp"))) == 2
+    # the resuming module is built shared (2 blocks); the checkpoint holds 4: rebuilt before sharding
+    resumed = _run(tmp_path, "fsdp", 4, M6LIT_CKPT=str(folder), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    for rank in (0, 1):
+        assert resumed[rank]["blocks"] == 4
+        assert resumed[rank]["losses"] == ranks[rank]["losses"][2:]
+        for name, value in resumed[rank]["state"].items():
+            assert torch.equal(value, ranks[rank]["state"][name]), name
+
+
+def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
+    from m6lit.export import load_checkpoint, model_from_checkpoint
+
+    out, ranks = fsdp_run
+    ckpt = load_checkpoint(out / "ckpt" / "step=4.ckpt")
+    assert ckpt["global_step"] == 4
+    model = model_from_checkpoint(ckpt)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ranks[0]["state"][f"model.{name}"]), name
+
+
+def test_expert_parallel_two_ranks_match_one_process(tmp_path: Path) -> None:
+    ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"))
+    losses, state = _reference(3, batch=8, accumulate=1)
+    mean = [(a[1] + b[1]) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=0, atol=1e-6)
+    assert ranks[0]["losses"] != ranks[1]["losses"], "the ranks must see different data"
+    ckpt = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=True)
+    for result in (*ranks, {"state": ckpt["state_dict"]}):
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, state[name], rtol=0, atol=1e-6, msg=name)
+    experts = ckpt["state_dict"]["model.blocks.1.ffn.experts.w_gate"]
+    assert experts.shape[0] == 4  # all experts, not one rank's slice
+    moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()
+               if s["exp_avg"].shape == experts.shape]
+    assert moments and all(m.abs().sum() > 0 for m in moments)
+
+
+# ---------------------------------------------------------------------------------------------- safety rule
+def _param_map() -> ParamMap:
+    module = M6LitModule(tiny_config(num_unique_blocks=2))
+    return delink(module.model, 4)
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), ModelParallelStrategy()])
+def test_strategies_without_the_hook_refuse_a_structural_change(strategy) -> None:
+    trainer = SimpleNamespace(strategy=strategy, global_step=7)
+    with pytest.raises(RuntimeError, match=rf"{type(strategy).__name__} cannot apply a structural change \(delink of "
+                                           rf"\d+ parameters \(blocks\.0\..*at global step 7"):
+        notify_strategy(trainer, _param_map())
+
+
+def test_single_device_subclass_without_the_hook_refuses_and_plain_single_device_passes() -> None:
+    class Custom(SingleDeviceStrategy):
+        pass
+
+    notify_strategy(SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), global_step=1), _param_map())
+    with pytest.raises(RuntimeError, match="Custom cannot apply a structural change"):
+        notify_strategy(SimpleNamespace(strategy=Custom("cpu"), global_step=1), _param_map())
+
+
+def test_parallel_strategies_refuse_scheduled_changes_they_cannot_apply() -> None:
+    delinks = PseudoToReal(schedule=[DelinkEvent(3, 4)])
+    splits = ExpertSplitMerge(schedule=[{"step": 5, "op": "split", "factor": 2, "layers": "all"}])
+    trainer = SimpleNamespace(callbacks=[delinks, splits])
+    with pytest.raises(RuntimeError, match=r"FSDP2Strategy cannot apply PseudoToReal delink to 4 blocks at step 3; "
+                                           r"ExpertSplitMerge split x2 at step 5 mid-run: fully_shard"):
+        refuse_scheduled_changes(FSDP2Strategy(), trainer, done_step=0, num_blocks=2)
+    refuse_scheduled_changes(FSDP2Strategy(), trainer, done_step=5, num_blocks=4)  # resumed after both: nothing due
+    with pytest.raises(RuntimeError, match=r"ExpertParallelStrategy cannot apply ExpertSplitMerge split x2 at step 5 "
+                                           r"mid-run: each rank holds a slice"):
+        refuse_scheduled_changes(ExpertParallelStrategy(), trainer, done_step=0, num_blocks=2)
+    refuse_scheduled_changes(ExpertParallelStrategy(), SimpleNamespace(callbacks=[delinks]), 0, 2)  # delink is fine
+    with pytest.raises(RuntimeError, match=r"FSDP2Strategy cannot apply a structural change mid-run \(delink"):
+        FSDP2Strategy().on_parameters_changed(_param_map())
+
+
+def test_registered_short_names_and_bad_arguments() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["m6_fsdp"]["strategy"] is FSDP2Strategy
+    assert StrategyRegistry["m6_ep"]["strategy"] is ExpertParallelStrategy
+    with pytest.raises(TypeError, match="list of patterns, got the string 'model.blocks.0'"):
+        FSDP2Strategy(cpu_offload="model.blocks.0")
+    with pytest.raises(ValueError, match="expert_parallel_size=0"):
+        ExpertParallelStrategy(expert_parallel_size=0)
