@@ -2,7 +2,8 @@
 
 Every source yields the same sample form, ``{"image": PIL.Image (RGB) | None, "text": str, "origin": str}``,
 where ``origin`` says where the sample came from (``file:line``, ``shard:key``, ``dataset[row i]``) so that any
-later error can point at it. A bad sample raises :class:`BadSampleError` naming its origin and the reason, or, with
+later error can point at it; JSONL samples with an image also carry ``image_path``, WebDataset samples ``key``
+(their ``__key__``), so predictions can be matched to their images. A bad sample raises :class:`BadSampleError` naming its origin and the reason, or, with
 ``on_bad_sample="skip"``, is logged (logger ``m6lit.data``, one warning per sample), counted, and replaced by
 ``None`` so the batch collation can count it too. Nothing is dropped silently.
 
@@ -172,7 +173,8 @@ class JsonlSource(Dataset):
             return {"image": None, "text": text, "origin": origin}
         if not isinstance(image_path, str) or not image_path:
             raise BadSampleError(origin, f"{self.image_key!r} must be a non-empty path string, got {image_path!r}")
-        return {"image": open_image(self.image_root / image_path, origin), "text": text, "origin": origin}
+        path = self.image_root / image_path
+        return {"image": open_image(path, origin), "text": text, "origin": origin, "image_path": str(path)}
 
 
 def _import_datasets() -> Any:
@@ -398,7 +400,7 @@ class WebDatasetSource(IterableDataset):
         text = check_text(text, origin)
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in item), None)
         image = open_image(item[extension], f"{origin}.{extension}") if extension else None
-        return {"image": image, "text": text, "origin": origin}
+        return {"image": image, "text": text, "origin": origin, "key": str(item.get("__key__", ""))}
 
 
 @dataclass

@@ -13,7 +13,7 @@ Text-only samples never get ``caption``. Prefix plus target must fit ``max_text_
 a bad sample (error, or skip with a warning). :func:`collate` pads examples into the batch contract of
 ``DESIGN.md``: ``input_ids``, ``attention_mask``, ``labels`` (aligned with ``input_ids``, −100 on prefix and
 padding), ``prefix_len``, ``pixel_values`` + ``image_mask`` (only if some row has an image), ``num_skipped``, and
-for prediction ``reference_ids``.
+for prediction ``reference_ids`` and ``sources`` (per row: ``origin``, plus ``key`` / ``image_path`` when known).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 TASKS: tuple[str, ...] = ("caption", "denoise", "lm")
+#: sample fields that say where a sample came from; prediction batches carry them per row (``sources``).
+SOURCE_FIELDS: tuple[str, ...] = ("origin", "key", "image_path")
 #: task prompt texts; each is the start of the prefix (≥ 1 token with any tokenizer).
 PROMPTS: dict[str, str] = {"caption": "caption:", "denoise": "denoise:", "lm": "text:"}
 
@@ -223,6 +225,8 @@ class ExampleBuilder:
             "pixel_values": image_to_tensor(image, self.image_size) if image is not None else None,
             "task": task,
             "reference": torch.tensor(text_ids + [self.eos], dtype=torch.long) if self.predict else None,
+            **({"source": {k: str(sample[k]) for k in SOURCE_FIELDS if sample.get(k) is not None}}
+               if self.predict else {}),
         }
 
 
@@ -274,6 +278,8 @@ def collate(examples: Sequence[dict | None], pad_token_id: int, pad_to_multiple_
             if reference is not None:
                 reference_ids[row, : len(reference)] = reference
         batch["reference_ids"] = reference_ids
+    if any("source" in e for e in rows):
+        batch["sources"] = [e.get("source", {}) for e in rows]
     batch["num_skipped"] = torch.tensor(num_skipped, dtype=torch.long)
     return batch
 
