@@ -280,6 +280,10 @@ def _expand_shards(urls: str | Sequence[str]) -> list[str]:
         shards = [str(u) for u in urls]
     if not shards:
         raise ValueError(f"no WebDataset shards found for {urls!r}")
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"WebDataset shard not found: {missing[0]}{more}")
     return shards
 
 
@@ -343,14 +347,18 @@ class WebDatasetSource(IterableDataset):
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[dict | None]:
         """Yield this rank's and worker's samples of pass ``epoch``, after dropping the first ``skip`` undecoded."""
         rank, _, worker, _ = worker_info()
-        raw: Iterator[dict] = wds.tarfile_to_samples(handler=self._on_tar_error)(
-            {"url": url} for url in self.shards(epoch)
-        )
+        shards = self.shards(epoch)
+        if not shards:
+            raise ValueError(f"WebDataset {self.urls[0]}…: {len(self.urls)} shard(s) leave none for this reader (rank "
+                             f"{rank}, worker {worker}); use at least as many shards as ranks x workers")
+        raw: Iterator[dict] = wds.tarfile_to_samples(handler=self._on_tar_error)({"url": url} for url in shards)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"m6lit-samples:{self.seed}:{epoch}:{rank}:{worker}")
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         self._pending_skips = 0
+        seen = 0
         for position, item in enumerate(raw):
+            seen += 1
             if position < skip:
                 self._pending_skips = 0
                 continue
@@ -361,10 +369,16 @@ class WebDatasetSource(IterableDataset):
         while self._pending_skips:
             self._pending_skips -= 1
             yield None
+        if seen == 0 and skip == 0 and not self.num_skipped:
+            raise ValueError(f"WebDataset shards hold no samples: {', '.join(shards[:3])}"
+                             f"{' …' if len(shards) > 3 else ''} (a pass over them is empty)")
 
     def _on_tar_error(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str)), "webdataset shard")
-        error = BadSampleError(where, f"unreadable tar data: {exn.args[0] if exn.args else exn!r}")
+        if isinstance(exn, OSError) and exn.strerror:
+            error = BadSampleError(str(exn.filename or where), f"cannot read shard: {exn.strerror}")
+        else:
+            error = BadSampleError(where, f"unreadable tar data: {exn.args[0] if exn.args else exn!r}")
         if self.on_bad_sample == "error":
             raise error from exn
         handle_bad_sample(error, self.on_bad_sample)
