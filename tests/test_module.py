@@ -103,3 +103,17 @@ def test_bad_arguments() -> None:
         M6LitModule(tiny_config(), min_lr_ratio=2)
     with pytest.raises(ValueError, match="unknown key"):
         M6LitModule({"d_model": 32, "colour": "red"})
+
+
+def test_fully_skipped_batch_gives_a_graph_connected_zero_loss_on_several_devices() -> None:
+    from types import SimpleNamespace
+
+    module = M6LitModule(tiny_config())
+    empty = {"input_ids": torch.zeros(0, 0, dtype=torch.long), "attention_mask": torch.zeros(0, 0, dtype=torch.bool),
+             "labels": torch.zeros(0, 0, dtype=torch.long), "prefix_len": torch.zeros(0, dtype=torch.long)}
+    assert module.training_step(empty, 0) is None  # one device: no optimizer step at all
+    module._trainer = SimpleNamespace(world_size=2)
+    loss = module.training_step(empty, 0)
+    assert loss is not None and float(loss) == 0.0
+    loss.backward()  # every trainable parameter joins the (DDP) gradient all-reduce, with a zero gradient
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters() if p.requires_grad)

@@ -37,6 +37,12 @@ class M6ModelCheckpoint(ModelCheckpoint):
 
     _trainer_ref: Optional[Trainer] = None
 
+    @property
+    def state_key(self) -> str:
+        """Lightning's ModelCheckpoint key (`ModelCheckpoint{...}`), so readers of checkpoints (the export's model
+        card, resumes of runs saved by a plain ModelCheckpoint) find the state where they expect it."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking:
             return
