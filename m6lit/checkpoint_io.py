@@ -3,7 +3,8 @@
 Lightning's default `TorchCheckpointIO` buffers the checkpoint in memory and writes it through an fsspec
 transaction whose temporary file lives in the system temp dir; when that is another filesystem the final step is a
 copy, not a rename, and an interruption can leave a truncated file under the real name. Here the temporary file
-sits next to the target (same filesystem), is flushed and fsynced, then `os.replace`d over it.
+sits next to the target (same filesystem), is flushed and fsynced, then `os.replace`d over it. The file gets the
+permissions of a normally created file (0666 minus the umask), not `mkstemp`'s private 0600.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: "str | os.PathLike[str]") -> None:
     """torch.save to a temporary sibling file, fsync, then rename over `path`; on failure nothing changes."""
     target = Path(path)
@@ -28,6 +35,7 @@ def atomic_torch_save(obj: Any, path: "str | os.PathLike[str]") -> None:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:

@@ -6,33 +6,80 @@
     m6lit export --ckpt_path checkpoints/last.ckpt --output_dir exported/
     m6lit plan --config configs/m6-10t.yaml --gpu_memory_budget 80GB
 
-Defaults: W&B logging offline (sync later with `wandb sync`), a rich progress bar, `predict` writing captions to
-`predictions.jsonl` (`CaptionWriter`), `ModelCheckpoint` under the key
-`checkpoint` (keeps `last.ckpt`, so `--ckpt_path last` resumes), atomic checkpoint writes, and the config saved to
-the log directory (overwritten on a re-run) and to the W&B run.
+Defaults, all visible in `--print_config`: W&B logging offline (`trainer.logger`; sync later with `wandb sync`),
+and four callbacks under their own top-level keys, so one option changes them: `checkpoint` (`M6ModelCheckpoint`:
+keeps `last.ckpt` at the final step, so `--ckpt_path last` resumes, and the best checkpoint by `val/loss`),
+`progress_bar` (`M6ProgressBar`), `predictions` (`CaptionWriter`: `predict` writes captions to
+`predictions.jsonl` in the log directory) and `pseudo_to_real` (`PseudoToReal`, inactive until `delink_step` or
+`schedule` is set). `--trainer.enable_checkpointing false` and `--trainer.enable_progress_bar false` leave the
+corresponding callback out. Checkpoint writes are atomic; the config is saved to the log directory (overwritten on
+a re-run) and to the W&B run. Errors in the configuration or the data print one `m6lit: error: ...` message
+(`M6LIT_TRACEBACK=1` shows the traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
+import m6lit
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
 import m6lit.strategies  # noqa: F401  (registers the offload strategy's short name, `strategy: m6_offload`)
+from m6lit.callbacks.checkpoint import M6ModelCheckpoint, checkpoint_wandb_run_id
 from m6lit.callbacks.predictions import CaptionWriter
+from m6lit.callbacks.progress import M6ProgressBar
+from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
+from m6lit.data.sources import BadSampleError
 from m6lit.module import M6LitModule
+
+#: `model.config` keys that do not change parameter shapes or their layout: a `--model.config.<key>` given with
+#: `--ckpt_path` is applied over the checkpoint's value; any other key that differs is an error.
+NON_STRUCTURAL_KEYS = ("dropout", "balance_loss_coef", "z_loss_coef", "capacity_factor", "norm_eps", "init_std",
+                       "router_norm_topk")
+_CKPT_ALIASES = ("last", "best", "hpc", "registry")
+
+
+class M6WandbLogger(WandbLogger):
+    """Lightning's WandbLogger without the `anonymous=None` it always passes, which new wandb versions answer with
+    a deprecation warning on every run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger") from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+class M6ArgumentParser(LightningArgumentParser):
+    """Parser whose errors are one short message instead of the whole usage text (options: `--help`)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message.strip()}\n(options: {prog} --help)\n")
+        sys.exit(2)
 
 
 class M6SaveConfig(SaveConfigCallback):
@@ -52,25 +99,48 @@ def text_budget(max_seq_len: int, image_size: int, patch_size: int) -> int:
     return max_seq_len - (image_size // patch_size) ** 2
 
 
+def _explicit_config_keys(argv: list[str]) -> list[str]:
+    """`model.config` keys given one by one on the command line (`--model.config.d_model 64`)."""
+    keys = []
+    for token in argv:
+        if token.startswith("--model.config."):
+            keys.append(token[len("--model.config."):].split("=", 1)[0])
+    return keys
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"m6lit: error: {message}\n")
+    sys.exit(2)
+
+
 class M6CLI(LightningCLI):
     """LightningCLI with m6lit's defaults and argument links (vocab/pad/eos ids from the tokenizer, image size and
     text budget from the model config)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._argv = list(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
         kwargs.setdefault("save_config_callback", M6SaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", M6ArgumentParser)
+        kwargs.setdefault("parser_kwargs", {"description": (
+            "m6lit: train M6-style multimodal MoE models with Lightning. Subcommands: fit, validate, test, predict "
+            "(Lightning's), and `m6lit export` (a checkpoint to a Hugging Face folder) and `m6lit plan` (memory and "
+            "offload estimate for a config); `m6lit <subcommand> --help` lists each one's options.")})
         kwargs.setdefault("trainer_defaults", {
-            "logger": lazy_instance(WandbLogger, project="m6lit", save_dir="runs", offline=True),
-            "callbacks": [RichProgressBar(), CaptionWriter()],
+            "logger": lazy_instance(M6WandbLogger, project="m6lit", save_dir="runs", offline=True),
         })
         super().__init__(M6LitModule, ImageTextDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
-                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False,
+                             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
+        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+        parser.add_lightning_class_args(CaptionWriter, "predictions")
+        parser.add_lightning_class_args(PseudoToReal, "pseudo_to_real")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
@@ -78,25 +148,107 @@ class M6CLI(LightningCLI):
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)
 
+    def _resolve_ckpt_path(self, subcommand: str, ckpt_path: str) -> Optional[Path]:
+        """The file `--ckpt_path` names (`last` = `<checkpoint.dirpath>/last.ckpt` if present), or None."""
+        if ckpt_path in _CKPT_ALIASES:
+            if ckpt_path != "last":
+                return None
+            dirpath = self.config[subcommand].get("checkpoint", {}).get("dirpath")
+            last = Path(dirpath or "checkpoints") / "last.ckpt"
+            return last if last.is_file() else None
+        path = Path(ckpt_path)
+        if not path.is_file():
+            _fail(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        return path
+
     def _parse_ckpt_path(self) -> None:
         """Take the model's architecture (`model.config`) from a `--ckpt_path` checkpoint, nothing else.
 
         Lightning would apply every saved hyperparameter over the command line, so e.g. `--model.max_new_tokens`
-        would be silently ignored at `predict`; the weights only need the architecture to match.
+        would be silently ignored at `predict`; the weights only need the architecture to match. A
+        `--model.config.<key>` given on the command line that differs from the checkpoint is an error when the key
+        is structural (it would be dropped or fail to load) and applied (and reported) when it is not. `fit` resumes
+        the checkpoint's W&B run.
         """
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        path = self._resolve_ckpt_path(subcommand, str(ckpt_path)) if ckpt_path else None
+        if path is None:
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        try:
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:  # torch raises zip, pickle and runtime errors alike for a damaged file
+            _fail(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+        if not isinstance(checkpoint, dict):
+            _fail(f"--ckpt_path {path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
+        hparams = checkpoint.get("hyper_parameters", {})
+        config = self.config[subcommand]
         if "config" in hparams:
-            self.config = self.parser.parse_object({subcommand: {"model": {"config": hparams["config"]}}},
+            saved = dict(hparams["config"])
+            given = config.model.config
+            structural, applied = [], {}
+            for key in dict.fromkeys(_explicit_config_keys(self._argv)):
+                if key not in saved or given.get(key) == saved[key]:
+                    continue
+                if key in NON_STRUCTURAL_KEYS:
+                    applied[key] = given.get(key)
+                else:
+                    structural.append(f"{key}={given.get(key)!r} (checkpoint: {saved[key]!r})")
+            if structural:
+                _fail(f"--ckpt_path {path}: --model.config overrides change the model's structure: "
+                      f"{', '.join(structural)}; the weights cannot load into that shape. Drop them, or train a "
+                      f"new model without --ckpt_path")
+            if applied:
+                sys.stderr.write(f"m6lit: over the checkpoint's model.config, applying "
+                                 f"{', '.join(f'{k}={v!r} (checkpoint: {saved[k]!r})' for k, v in applied.items())}\n")
+            self.config = self.parser.parse_object({subcommand: {"model": {"config": {**saved, **applied}}}},
                                                    self.config)
+            config = self.config[subcommand]
+        run_id = checkpoint_wandb_run_id(checkpoint)
+        logger = config.get("trainer", {}).get("logger")
+        if (subcommand == "fit" and run_id and logger is not None and not isinstance(logger, bool)
+                and str(logger.get("class_path", "")).endswith("WandbLogger")
+                and logger.get("init_args", {}).get("id") is None):
+            logger.init_args.id = run_id
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if "max_text_len" not in str(err):
+                raise
+            sub = self.config[self.subcommand] if self.subcommand else self.config
+            c = sub.model.config
+            raise ValueError(
+                f"{err}; data.max_text_len is derived: model.config.max_seq_len ({c.max_seq_len}) minus the image "
+                f"patches ((model.config.image_size {c.image_size} // model.config.patch_size {c.patch_size})^2 = "
+                f"{(c.image_size // c.patch_size) ** 2}) = {text_budget(c.max_seq_len, c.image_size, c.patch_size)}"
+                f" text tokens: raise model.config.max_seq_len or model.config.patch_size") from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        sub = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_config = sub.get("trainer", {})
+        keys = self._parser(self.subcommand).callback_keys
+        dropped = set()
+        if trainer_config.get("enable_checkpointing") is False:
+            dropped.add("checkpoint")
+        if trainer_config.get("enable_progress_bar") is False:
+            dropped.add("progress_bar")
+        p2r = self._get(self.config_init, "pseudo_to_real") if "pseudo_to_real" in keys else None
+        if p2r is not None and not p2r.active:
+            dropped.add("pseudo_to_real")
+        checkpoint = self._get(self.config_init, "checkpoint") if "checkpoint" in keys else None
+        if (checkpoint is not None and checkpoint.monitor == "val/loss"
+                and trainer_config.get("limit_val_batches") in (0, 0.0)):
+            checkpoint.monitor = None  # no validation runs, so no val/loss: keep only last.ckpt
+            checkpoint.save_top_k = 1
+        self._parser(self.subcommand).callback_keys = [k for k in keys if k not in dropped]
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        finally:
+            self._parser(self.subcommand).callback_keys = keys
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -109,11 +261,34 @@ EXTRA_COMMANDS = {
 }
 
 
+def _raised_by_m6lit(err: BaseException) -> bool:
+    """Whether `err` was raised by m6lit's own code (its innermost frame is in the package): a message for the
+    user (bad config or data), not a bug whose traceback matters."""
+    if isinstance(err, BadSampleError):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    package = str(Path(m6lit.__file__).parent)
+    return bool(frames) and frames[-1].filename.startswith(package)
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Console entry point (`m6lit` and `python -m m6lit`): Lightning subcommands plus `export` and `plan`."""
+    """Console entry point (`m6lit` and `python -m m6lit`): Lightning subcommands plus `export` and `plan`.
+
+    A `ValueError`/`FileNotFoundError` that m6lit raises about the configuration or the data ends the program with
+    one `m6lit: error: ...` line (exit status 1); `M6LIT_TRACEBACK=1` re-raises it with the traceback.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module_name, function_name = EXTRA_COMMANDS[argv[0]].split(":")
-        getattr(importlib.import_module(module_name), function_name)(argv[1:])
-        return
-    M6CLI(args=args)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="The anonymous setting has no effect")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            module_name, function_name = EXTRA_COMMANDS[argv[0]].split(":")
+            getattr(importlib.import_module(module_name), function_name)(argv[1:])
+            return
+        M6CLI(args=args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("M6LIT_TRACEBACK") or not _raised_by_m6lit(err):
+            raise
+        sys.stderr.write(f"m6lit: error: {err}\n(M6LIT_TRACEBACK=1 shows where)\n")
+        sys.exit(1)

@@ -337,6 +337,9 @@ def write_export(model: M6Model, output_dir: Path, tokenizer: PreTrainedTokenize
     _prepare_output(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)  # mkdtemp makes a private 0700 folder; the export is an ordinary one
     try:
         hf_model = M6ForConditionalGeneration.from_m6(model)
         hf_model.generation_config = generation

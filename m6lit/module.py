@@ -243,8 +243,12 @@ class M6LitModule(LightningModule):
         if "num_skipped" in batch:
             self.log("data/skipped_samples", batch["num_skipped"].float().sum(), reduce_fx="sum", batch_size=1)
         if batch["input_ids"].shape[0] == 0:
+            # every sample of this batch was skipped as bad input (counted above). One device: no step (None).
+            # Several: every rank must join the gradient all-reduce, so a zero loss over all trainable parameters.
             self._positions = 0
-            return None  # every sample of this batch was skipped as bad input (counted above): no step
+            if self._trainer is None or self.trainer.world_size == 1:
+                return None
+            return sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         chunk = self.hparams.get("loss_chunk_tokens")
         if chunk:
             out = self.model(batch, compute_logits=False)

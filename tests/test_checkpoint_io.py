@@ -36,3 +36,14 @@ def test_save_replaces_and_round_trips(tmp_path: Path) -> None:
         io.save_checkpoint({"global_step": step, "t": torch.arange(step)}, path)
     loaded = io.load_checkpoint(path, weights_only=True)
     assert loaded["global_step"] == 2 and torch.equal(loaded["t"], torch.arange(2))
+
+
+def test_saved_checkpoint_has_the_umask_mode_not_0600(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"x": torch.ones(1)}, tmp_path / "a.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o644

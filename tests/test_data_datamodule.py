@@ -153,6 +153,28 @@ def test_denoise_target_reconstructs_the_text() -> None:
         assert (example["pixel_values"] is None) == (source[i]["image"] is None)
 
 
+def test_span_corrupt_over_units_never_splits_one() -> None:
+    units = [[10, 11, 12], [20], [30, 31, 32], [40, 41, 42], [50], [60, 61, 62]] * 5
+    sentinels = list(range(1000, 1125))
+    for seed in range(5):
+        inputs, targets = span_corrupt(units, sentinels, random.Random(seed), 0.3, 2.0)
+        flat = [i for u in units for i in u]
+        assert _fill_sentinels(inputs, targets, set(sentinels)) == flat
+        for seq in (inputs, targets):
+            runs, run = [], []
+            for t in seq + [1000]:
+                if t in sentinels:
+                    runs.append(run)
+                    run = []
+                else:
+                    run.append(t)
+            for run in runs:  # every run of kept or dropped ids is a sequence of whole units
+                while run:
+                    unit = next(u for u in units if u[0] == run[0])
+                    assert run[: len(unit)] == unit
+                    run = run[len(unit):]
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 10, 57, 200])
 def test_span_corrupt_round_trip_and_density(length: int) -> None:
     sentinels = list(range(1000, 1125))
@@ -207,6 +229,7 @@ def test_predict_batches_carry_prompt_image_and_reference() -> None:
             reference = batch["reference_ids"][row]
             text = reference[reference != dm.pad_token_id].tolist()
             assert text[-1] == dm.eos_token_id and dm.tokenizer.decode(text[:-1]) == sample["text"]
+            assert batch["sources"][row] == {"origin": sample["origin"]}
             index += 1
     assert index == 8
 
@@ -239,6 +262,38 @@ def test_too_long_text_raises_with_file_line(tmp_path: Path) -> None:
         dataset[3]
     with pytest.raises(BadSampleError, match=rf"{manifest}:5: text too long: 240 tokens"):
         dataset[4]
+
+
+def test_truncate_text_cuts_long_texts_at_character_boundaries(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path)
+    dm = _dm(train=[SourceSpec(kind="jsonl", path=str(manifest))], max_text_len=64, truncate_text=True)
+    dataset = dm.dataset("train")
+    for index, original in ((1, "x" * 300), (4, "红色" * 40)):
+        example = dataset[index]
+        assert len(example["prefix"]) + len(example["target"]) <= 64
+        if example["task"] == "denoise":
+            continue
+        text = dm.tokenizer.decode(example["target"][:-1].tolist())
+        assert len(text) > 10 and original.startswith(text), text  # a clean prefix: no half character
+
+
+def test_chinese_denoise_spans_keep_whole_characters() -> None:
+    dm = _dm(train=_demo(40, language="zh"), task_mix=TaskMix(caption=0.0, denoise=1.0, lm=0.0))
+    tokenizer, dataset = dm.tokenizer, dm.dataset("train")
+    sentinels = set(sentinel_ids(tokenizer))
+    prompt = len(tokenizer.encode(PROMPTS["denoise"], add_special_tokens=False))
+    for i in range(40):
+        example = dataset[i]
+        pieces, piece = [], []
+        for token in example["prefix"].tolist()[prompt:] + [-1] + example["target"].tolist()[:-1] + [-1]:
+            if token in sentinels or token == -1:
+                pieces.append(piece)
+                piece = []
+            else:
+                piece.append(token)
+        for piece in pieces:
+            raw = bytes(t - 3 for t in piece)  # ByT5: id = byte + 3
+            raw.decode("utf-8")  # raises if a span split a character
 
 
 def test_skip_counts_bad_samples_in_batches_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -414,3 +469,13 @@ def test_data_package_imports_without_lightning() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fewer_webdataset_shards_than_ranks_is_an_up_front_error(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    shards = _write_shards(tmp_path / "wds")
+    dm = _dm(train=[SourceSpec(kind="webdataset", path=shards)])
+    dm.trainer = SimpleNamespace(world_size=16)
+    with pytest.raises(ValueError, match=r"data.train: the webdataset source .* has \d+ shard\(s\) for 16 rank"):
+        dm.setup("fit")

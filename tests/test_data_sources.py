@@ -187,6 +187,37 @@ def test_webdataset_missing_shards_is_an_error(tmp_path: Path) -> None:
         WebDatasetSource(str(tmp_path))
 
 
+def test_webdataset_shards_without_samples_fail_instead_of_looping(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for name in ("a.tar", "b.tar"):
+        with wds.TarWriter(str(tmp_path / "empty" / name)):
+            pass
+    with pytest.raises(ValueError, match=r"shards hold no samples: .*a\.tar"):
+        list(WebDatasetSource(str(tmp_path / "empty")))
+
+
+def test_webdataset_missing_shard_file_is_named(tmp_path: Path) -> None:
+    _write_shards(tmp_path / "wds", shards=2)
+    missing = tmp_path / "wds" / "shard-000007.tar"
+    with pytest.raises(FileNotFoundError, match=f"WebDataset shard not found: {missing}"):
+        WebDatasetSource([str(tmp_path / "wds" / "shard-000000.tar"), str(missing)])
+
+
+def test_webdataset_samples_carry_their_key(tmp_path: Path) -> None:
+    keys = _write_shards(tmp_path / "wds", shards=1, per_shard=2)
+    samples = list(WebDatasetSource(str(tmp_path / "wds")))
+    assert [s["key"] for s in samples] == keys
+    assert samples[0]["origin"].endswith(f"shard-000000.tar:{keys[0]}")
+
+
+def test_webdataset_reader_without_a_shard_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_shards(tmp_path / "wds", shards=1, per_shard=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"1 shard\(s\) leave none for this reader \(rank 1"):
+        list(WebDatasetSource(str(tmp_path / "wds")))
+
+
 # --------------------------------------------------------------------------------------------- HF datasets
 
 

@@ -175,3 +175,17 @@ def test_token_ids_are_checked_on_the_host_batch() -> None:
         M6LitModule(tiny_config(), loss_chunk_tokens=0)
     with pytest.raises(ValueError, match="peak_flops=0"):
         M6LitModule(tiny_config(), peak_flops=0)
+
+
+def test_fully_skipped_batch_gives_a_graph_connected_zero_loss_on_several_devices() -> None:
+    from types import SimpleNamespace
+
+    module = M6LitModule(tiny_config())
+    empty = {"input_ids": torch.zeros(0, 0, dtype=torch.long), "attention_mask": torch.zeros(0, 0, dtype=torch.bool),
+             "labels": torch.zeros(0, 0, dtype=torch.long), "prefix_len": torch.zeros(0, dtype=torch.long)}
+    assert module.training_step(empty, 0) is None  # one device: no optimizer step at all
+    module._trainer = SimpleNamespace(world_size=2)
+    loss = module.training_step(empty, 0)
+    assert loss is not None and float(loss) == 0.0
+    loss.backward()  # every trainable parameter joins the (DDP) gradient all-reduce, with a zero gradient
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters() if p.requires_grad)

@@ -157,7 +157,7 @@ def test_ddp_two_ranks_stay_identical_after_delink(tmp_path: Path) -> None:
 
 def test_bad_configuration_errors() -> None:
     with pytest.raises(ValueError, match="exactly one of delink_step or schedule"):
-        PseudoToReal()
+        PseudoToReal(delink_step=2, schedule=[DelinkEvent(2, 4)])
     with pytest.raises(ValueError, match=r"schedule\[1\].*greater than the previous"):
         PseudoToReal(schedule=[DelinkEvent(5, 2), DelinkEvent(3, 4)])
     with pytest.raises(ValueError, match=r"schedule\[1\].*multiple"):
@@ -168,5 +168,35 @@ def test_bad_configuration_errors() -> None:
         fit(_module(num_unique_blocks=1, moe_layers="all"), 2, callbacks=[PseudoToReal(schedule=[DelinkEvent(1, 3)])])
     with pytest.raises(ValueError, match="already has 4 unique blocks"):
         fit(_module(num_unique_blocks=4), 2, callbacks=[PseudoToReal(delink_step=1)])
-    with pytest.warns(UserWarning, match="delink step 5 >= trainer.max_steps=3"):
+    with pytest.warns(UserWarning, match="delink step 5 > trainer.max_steps=3.*does not become real"):
         fit(_module(num_unique_blocks=2), 3, callbacks=[PseudoToReal(delink_step=5)])
+
+
+def test_delink_at_max_steps_warns_truthfully_and_delinks() -> None:
+    p2r = PseudoToReal(delink_step=3)
+    module = _module(num_unique_blocks=2)
+    with pytest.warns(UserWarning, match="delinked after the final step.*never trained as real"):
+        fit(module, 3, callbacks=[p2r])
+    assert len(module.model.blocks) == 4
+
+
+def test_schedule_that_cannot_run_on_the_model_fails_at_fit_start_naming_the_key() -> None:
+    # 3 shared blocks on 4 layers: delinking to 4 is impossible; the error must come before any step, not at step 20
+    module = _module(num_unique_blocks=3, moe_layers="all")
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"PseudoToReal.delink_step: cannot delink the model's 3 blocks.* into 4"):
+        fit(module, 30, callbacks=[PseudoToReal(delink_step=20)])
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters())), "it trained before failing"
+    with pytest.raises(ValueError, match=r"PseudoToReal.schedule\[0\]: cannot delink the model's 2 blocks.* into 3"):
+        fit(_module(num_unique_blocks=2, num_layers=6, moe_layers="all"), 4,
+            callbacks=[PseudoToReal(schedule=[DelinkEvent(1, 3), DelinkEvent(2, 6)])])
+
+
+def test_inactive_without_delink_step_or_schedule_and_twice_is_an_error() -> None:
+    idle = PseudoToReal()
+    assert not idle.active
+    module = _module(num_unique_blocks=2)
+    fit(module, 2, callbacks=[idle])
+    assert len(module.model.blocks) == 2
+    with pytest.raises(ValueError, match="configured twice"):
+        fit(_module(num_unique_blocks=2), 2, callbacks=[PseudoToReal(delink_step=1), PseudoToReal(delink_step=1)])

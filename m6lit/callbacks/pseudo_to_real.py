@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from m6lit.callbacks.structure import STATE_POLICIES, eval_loss, notify_strategy, rewrite_optimizer
 from m6lit.model import delink
+from m6lit.model.sharing import layer_to_block
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Rewarmup:
 class PseudoToReal(Callback):
     """Delink shared layers at a step (or a progressive schedule) inside one fit.
 
+    The CLI always builds one under the top-level key `pseudo_to_real` (`--pseudo_to_real.delink_step 150`); with
+    neither `delink_step` nor `schedule` it is inactive and left out of the Trainer.
+
     Args:
         delink_step: after this optimizer step, give every logical layer its own block.
         schedule: instead of `delink_step`, a list of `{step, num_unique_blocks}` (e.g. 1 → 4 → L); steps strictly
@@ -57,7 +61,7 @@ class PseudoToReal(Callback):
     def __init__(self, delink_step: Optional[int] = None, schedule: Optional[list[DelinkEvent]] = None,
                  optimizer_state: Literal["copy", "rescale", "reset"] = "copy", rewarmup_steps: int = 0,
                  accumulate_grad_batches_after: Optional[int] = None, log_loss: bool = True) -> None:
-        if (delink_step is None) == (schedule is None):
+        if delink_step is not None and schedule is not None:
             raise ValueError("PseudoToReal: give exactly one of delink_step or schedule")
         if optimizer_state not in STATE_POLICIES:
             raise ValueError(f"PseudoToReal.optimizer_state={optimizer_state!r}: must be one of {STATE_POLICIES}")
@@ -93,10 +97,46 @@ class PseudoToReal(Callback):
         self.done: list[list[int]] = []
         self.history: list[dict[str, float]] = []
 
+    @property
+    def active(self) -> bool:
+        """Whether a delink is configured (`delink_step` or `schedule`)."""
+        return self.delink_step is not None or bool(self.events)
+
+    def _where(self, i: int) -> str:
+        return "PseudoToReal.delink_step" if self.delink_step is not None else f"PseudoToReal.schedule[{i}]"
+
+    def check_schedule(self, config: Any, current_map: list[int]) -> None:
+        """Raise `ValueError` naming the entry unless every pending delink can run on the model as it is now
+        (each count a multiple of the previous one that divides num_layers and refines the layout)."""
+        done_steps = {step for step, _ in self.done}
+        mapping = list(current_map)
+        for i, event in enumerate(self.events):
+            if event.step in done_steps:
+                continue
+            old_k, new_k = len(set(mapping)), event.num_unique_blocks
+            where = self._where(i)
+            if new_k <= old_k and not self.done and i == 0:
+                continue  # reported by on_fit_start (nothing to delink)
+            if new_k % old_k or config.num_layers % new_k:
+                raise ValueError(f"{where}: cannot delink the model's {old_k} blocks (model.config.num_unique_blocks)"
+                                 f" into {new_k}: the new count must be a multiple of {old_k} and divide "
+                                 f"model.config.num_layers={config.num_layers}")
+            new_map = layer_to_block(config.num_layers, new_k, config.sharing_layout)
+            source_of: dict[int, int] = {}
+            for layer, (old_b, new_b) in enumerate(zip(mapping, new_map)):
+                if source_of.setdefault(new_b, old_b) != old_b:
+                    raise ValueError(f"{where}: sharing_layout {config.sharing_layout!r} with {new_k} blocks does not "
+                                     f"refine the {old_k}-block sharing before it (layer {layer})")
+            mapping = new_map
+
     # ------------------------------------------------------------------ setup and resume
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or not self.active:
             return
+        others = [c for c in trainer.callbacks if isinstance(c, PseudoToReal) and c is not self and c.active]
+        if others:
+            raise ValueError("PseudoToReal is configured twice (e.g. under `pseudo_to_real` and in "
+                             "trainer.callbacks); keep one")
         config = pl_module.model.config
         if self.delink_step is not None:
             self.events = [DelinkEvent(self.delink_step, config.num_layers)]
@@ -105,11 +145,17 @@ class PseudoToReal(Callback):
                 raise ValueError(f"PseudoToReal.schedule[{i}]: num_unique_blocks={event.num_unique_blocks} must "
                                  f"divide num_layers={config.num_layers}")
         last = self.events[-1].step
-        if trainer.max_steps is not None and 0 < trainer.max_steps <= last:
-            rank_zero_warn(f"PseudoToReal: delink step {last} >= trainer.max_steps={trainer.max_steps}; the run "
-                           f"ends before the model becomes real")
+        if trainer.max_steps is not None and 0 < trainer.max_steps < last:
+            rank_zero_warn(f"PseudoToReal: delink step {last} > trainer.max_steps={trainer.max_steps}; the run "
+                           f"ends before that delink, so the model does not become real")
+        elif trainer.max_steps is not None and trainer.max_steps == last:
+            rank_zero_warn(f"PseudoToReal: delink step {last} == trainer.max_steps; the model is delinked after the "
+                           f"final step, so the last checkpoint is real but never trained as real")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active:
+            return
+        self.check_schedule(pl_module.model.config, list(pl_module.model.layer_to_block))
         current = len(pl_module.model.blocks)
         done_steps = {step for step, _ in self.done}
         pending = [e for e in self.events if e.step not in done_steps]
@@ -141,6 +187,8 @@ class PseudoToReal(Callback):
     # ------------------------------------------------------------------ the event
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self.active:
+            return
         done_steps = {step for step, _ in self.done}
         for event in self.events:
             if event.step not in done_steps and trainer.global_step >= event.step:

@@ -171,7 +171,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         batch_size: samples per batch (fewer when bad samples are skipped).
         num_workers: DataLoader worker processes (persistent for training).
         image_size: square side of ``pixel_values``; images are resized (shorter side) and center-cropped.
-        max_text_len: token budget of prefix + target; longer samples are bad samples.
+        max_text_len: token budget of prefix + target; longer samples are bad samples (unless ``truncate_text``).
+        truncate_text: cut a too-long text (at a character boundary) to fit ``max_text_len`` instead of treating it
+            as a bad sample.
         task_mix: relative weights of the caption, denoise and lm objectives.
         noise_density: fraction of text tokens dropped by span denoising.
         mean_span_length: mean length of a dropped span.
@@ -191,6 +193,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         image_size: int = 32,
         max_text_len: int = 224,
+        truncate_text: bool = False,
         task_mix: TaskMix = TaskMix(),
         noise_density: float = 0.15,
         mean_span_length: float = 3.0,
@@ -217,6 +220,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.image_size = image_size
         self.max_text_len = max_text_len
+        self.truncate_text = truncate_text
         self.task_mix = TaskMix(**task_mix) if isinstance(task_mix, dict) else task_mix
         self.noise_density = noise_density
         self.mean_span_length = mean_span_length
@@ -260,6 +264,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             seed=self.seed + _STAGE_SEED_OFFSET[stage],
             on_bad_sample=self.on_bad_sample,
             predict=stage == "predict",
+            truncate_text=self.truncate_text,
         )
 
     def dataset(self, stage: Stage) -> Dataset:
@@ -301,6 +306,23 @@ class ImageTextDataModule(pl.LightningDataModule):
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for split in needed.get(stage, []):
             self._split(split)
+            self._check_shards(split)
+
+    def _check_shards(self, stage: Stage) -> None:
+        """Every rank × worker of a streamed split needs at least one WebDataset shard, or the ranks would run
+        different numbers of steps and DDP would fail in a collective; say so up front."""
+        split = self._splits[stage]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        readers = world_size * max(self.num_workers, 1)
+        if not split.iterable or readers == 1:
+            return
+        for spec, source in zip(self.specs[stage], split.dataset.streams):
+            if isinstance(source, WebDatasetSource) and len(source.urls) < readers:
+                raise ValueError(
+                    f"data.{stage}: the webdataset source {spec.path!r} has {len(source.urls)} shard(s) for "
+                    f"{world_size} rank(s) x {max(self.num_workers, 1)} worker(s) = {readers} readers; every reader "
+                    f"needs its own shard: split the data into at least {readers} (ideally equal) shards, or lower "
+                    f"data.num_workers")
 
     def _collate(self) -> Any:
         return partial(collate, pad_token_id=self.pad_token_id, pad_to_multiple_of=8)

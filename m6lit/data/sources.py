@@ -2,7 +2,8 @@
 
 Every source yields the same sample form, ``{"image": PIL.Image (RGB) | None, "text": str, "origin": str}``,
 where ``origin`` says where the sample came from (``file:line``, ``shard:key``, ``dataset[row i]``) so that any
-later error can point at it. A bad sample raises :class:`BadSampleError` naming its origin and the reason, or, with
+later error can point at it; JSONL samples with an image also carry ``image_path``, WebDataset samples ``key``
+(their ``__key__``), so predictions can be matched to their images. A bad sample raises :class:`BadSampleError` naming its origin and the reason, or, with
 ``on_bad_sample="skip"``, is logged (logger ``m6lit.data``, one warning per sample), counted, and replaced by
 ``None`` so the batch collation can count it too. Nothing is dropped silently.
 
@@ -172,7 +173,8 @@ class JsonlSource(Dataset):
             return {"image": None, "text": text, "origin": origin}
         if not isinstance(image_path, str) or not image_path:
             raise BadSampleError(origin, f"{self.image_key!r} must be a non-empty path string, got {image_path!r}")
-        return {"image": open_image(self.image_root / image_path, origin), "text": text, "origin": origin}
+        path = self.image_root / image_path
+        return {"image": open_image(path, origin), "text": text, "origin": origin, "image_path": str(path)}
 
 
 def _import_datasets() -> Any:
@@ -278,6 +280,10 @@ def _expand_shards(urls: str | Sequence[str]) -> list[str]:
         shards = [str(u) for u in urls]
     if not shards:
         raise ValueError(f"no WebDataset shards found for {urls!r}")
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"WebDataset shard not found: {missing[0]}{more}")
     return shards
 
 
@@ -341,14 +347,18 @@ class WebDatasetSource(IterableDataset):
     def iterate(self, epoch: int, skip: int = 0) -> Iterator[dict | None]:
         """Yield this rank's and worker's samples of pass ``epoch``, after dropping the first ``skip`` undecoded."""
         rank, _, worker, _ = worker_info()
-        raw: Iterator[dict] = wds.tarfile_to_samples(handler=self._on_tar_error)(
-            {"url": url} for url in self.shards(epoch)
-        )
+        shards = self.shards(epoch)
+        if not shards:
+            raise ValueError(f"WebDataset {self.urls[0]}…: {len(self.urls)} shard(s) leave none for this reader (rank "
+                             f"{rank}, worker {worker}); use at least as many shards as ranks x workers")
+        raw: Iterator[dict] = wds.tarfile_to_samples(handler=self._on_tar_error)({"url": url} for url in shards)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"m6lit-samples:{self.seed}:{epoch}:{rank}:{worker}")
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         self._pending_skips = 0
+        seen = 0
         for position, item in enumerate(raw):
+            seen += 1
             if position < skip:
                 self._pending_skips = 0
                 continue
@@ -359,10 +369,16 @@ class WebDatasetSource(IterableDataset):
         while self._pending_skips:
             self._pending_skips -= 1
             yield None
+        if seen == 0 and skip == 0 and not self.num_skipped:
+            raise ValueError(f"WebDataset shards hold no samples: {', '.join(shards[:3])}"
+                             f"{' …' if len(shards) > 3 else ''} (a pass over them is empty)")
 
     def _on_tar_error(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str)), "webdataset shard")
-        error = BadSampleError(where, f"unreadable tar data: {exn.args[0] if exn.args else exn!r}")
+        if isinstance(exn, OSError) and exn.strerror:
+            error = BadSampleError(str(exn.filename or where), f"cannot read shard: {exn.strerror}")
+        else:
+            error = BadSampleError(where, f"unreadable tar data: {exn.args[0] if exn.args else exn!r}")
         if self.on_bad_sample == "error":
             raise error from exn
         handle_bad_sample(error, self.on_bad_sample)
@@ -398,7 +414,7 @@ class WebDatasetSource(IterableDataset):
         text = check_text(text, origin)
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in item), None)
         image = open_image(item[extension], f"{origin}.{extension}") if extension else None
-        return {"image": image, "text": text, "origin": origin}
+        return {"image": image, "text": text, "origin": origin, "key": str(item.get("__key__", ""))}
 
 
 @dataclass

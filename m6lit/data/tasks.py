@@ -13,7 +13,7 @@ Text-only samples never get ``caption``. Prefix plus target must fit ``max_text_
 a bad sample (error, or skip with a warning). :func:`collate` pads examples into the batch contract of
 ``DESIGN.md``: ``input_ids``, ``attention_mask``, ``labels`` (aligned with ``input_ids``, −100 on prefix and
 padding), ``prefix_len``, ``pixel_values`` + ``image_mask`` (only if some row has an image), ``num_skipped``, and
-for prediction ``reference_ids``.
+for prediction ``reference_ids`` and ``sources`` (per row: ``origin``, plus ``key`` / ``image_path`` when known).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
 from .sources import BadSampleError, OnBadSample, handle_bad_sample, worker_info
 from .tokenizer import sentinel_ids
@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 TASKS: tuple[str, ...] = ("caption", "denoise", "lm")
+#: sample fields that say where a sample came from; prediction batches carry them per row (``sources``).
+SOURCE_FIELDS: tuple[str, ...] = ("origin", "key", "image_path")
 #: task prompt texts; each is the start of the prefix (≥ 1 token with any tokenizer).
 PROMPTS: dict[str, str] = {"caption": "caption:", "denoise": "denoise:", "lm": "text:"}
 
@@ -91,7 +93,7 @@ def _split_lengths(total: int, parts: int, rng: random.Random) -> list[int]:
 
 
 def span_corrupt(
-    ids: Sequence[int],
+    ids: Sequence[int] | Sequence[Sequence[int]],
     sentinels: Sequence[int],
     rng: random.Random,
     noise_density: float = 0.15,
@@ -101,9 +103,11 @@ def span_corrupt(
 
     About ``noise_density`` of the tokens are dropped, in spans of mean length ``mean_span_length``; kept and
     dropped spans alternate starting with a kept one (unless everything is dropped). Substituting each sentinel
-    in the inputs by the tokens that follow it in the targets gives back ``ids``.
+    in the inputs by the tokens that follow it in the targets gives back ``ids``. ``ids`` may instead be a list of
+    units (lists of ids, e.g. the bytes of one character): spans then start and end at unit boundaries only.
     """
-    length = len(ids)
+    units = [list(u) if isinstance(u, (list, tuple)) else [u] for u in ids]
+    length = len(units)
     if length == 0:
         raise ValueError("cannot corrupt an empty sequence")
     num_noise = min(max(round(length * noise_density), 1), max(length - 1, 1))
@@ -116,11 +120,11 @@ def span_corrupt(
     targets: list[int] = []
     position = 0
     for span, (keep, noise) in enumerate(zip(keep_lengths, noise_lengths)):
-        inputs.extend(ids[position : position + keep])
+        inputs.extend(i for unit in units[position : position + keep] for i in unit)
         position += keep
         inputs.append(sentinels[span])
         targets.append(sentinels[span])
-        targets.extend(ids[position : position + noise])
+        targets.extend(i for unit in units[position : position + noise] for i in unit)
         position += noise
     return inputs, targets
 
@@ -130,7 +134,8 @@ class ExampleBuilder:
 
     An example is ``{"prefix": LongTensor, "target": LongTensor, "pixel_values": FloatTensor | None,
     "task": str, "reference": LongTensor | None}``. With ``predict=True`` every sample gets the caption prompt as
-    its whole prefix, an empty target, and its text (+ EOS) as ``reference``.
+    its whole prefix, an empty target, and its text (+ EOS) as ``reference``. With ``truncate_text`` a text
+    too long for ``max_text_len`` is cut (at a character boundary) to fit instead of being a bad sample.
     """
 
     def __init__(
@@ -144,7 +149,9 @@ class ExampleBuilder:
         seed: int = 0,
         on_bad_sample: OnBadSample = "error",
         predict: bool = False,
+        truncate_text: bool = False,
     ) -> None:
+        self.truncate_text = truncate_text
         self.task_mix = task_mix if task_mix is not None else TaskMix()
         self.task_mix.validate()
         if not 0.0 < noise_density < 1.0:
@@ -170,6 +177,18 @@ class ExampleBuilder:
         """Token ids of ``text`` without special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def units(self, text: str, text_ids: list[int]) -> list[list[int]]:
+        """``text_ids`` grouped per character for a byte-level tokenizer (ByT5: one id per UTF-8 byte, so a Chinese
+        character is 3 ids), else one token per unit; spans and truncation never split a unit."""
+        if isinstance(self.tokenizer, ByT5Tokenizer) and len(text_ids) == len(text.encode("utf-8")):
+            units, position = [], 0
+            for ch in text:
+                width = len(ch.encode("utf-8"))
+                units.append(text_ids[position : position + width])
+                position += width
+            return units
+        return [[i] for i in text_ids]
+
     def choose_task(self, has_image: bool, key: int) -> str:
         """The task of the sample with ``key``: a pure function of ``(seed, key, has_image)``."""
         mix = self.task_mix
@@ -194,28 +213,20 @@ class ExampleBuilder:
         text_ids = self.encode(sample["text"])
         if not text_ids:
             raise BadSampleError(origin, "text is empty after tokenization")
-        image = sample.get("image")
-        if self.predict:
-            task = "caption"
-            prefix, target = self.prompts["caption"], []
-        else:
-            task = self.choose_task(image is not None, key)
-            if task == "denoise":
-                rng = random.Random(f"m6lit-noise:{self.seed}:{key}")
-                inputs, spans = span_corrupt(
-                    text_ids, self.sentinels, rng, self.noise_density, self.mean_span_length
-                )
-                prefix, target = self.prompts["denoise"] + inputs, spans + [self.eos]
-            else:
-                prefix, target = self.prompts[task], text_ids + [self.eos]
-                if task == "lm":
-                    image = None
+        units = self.units(sample["text"], text_ids)
+        while True:
+            prefix, target, task, image = self._layout(units, sample.get("image"), key)
+            excess = len(prefix) + len(target) - self.max_text_len
+            if excess <= 0 or not self.truncate_text or self.predict or len(units) <= 1:
+                break
+            while excess > 0 and len(units) > 1:  # drop whole characters from the end until it fits
+                excess -= len(units.pop())
         total = len(prefix) + len(target)
         if total > self.max_text_len:
             raise BadSampleError(
                 origin,
                 f"text too long: {len(text_ids)} tokens, {total} with the {task} prompt and EOS "
-                f"> max_text_len {self.max_text_len}",
+                f"> max_text_len {self.max_text_len} (data.truncate_text: true cuts it instead)",
             )
         return {
             "prefix": torch.tensor(prefix, dtype=torch.long),
@@ -223,7 +234,21 @@ class ExampleBuilder:
             "pixel_values": image_to_tensor(image, self.image_size) if image is not None else None,
             "task": task,
             "reference": torch.tensor(text_ids + [self.eos], dtype=torch.long) if self.predict else None,
+            **({"source": {k: str(sample[k]) for k in SOURCE_FIELDS if sample.get(k) is not None}}
+               if self.predict else {}),
         }
+
+    def _layout(self, units: list[list[int]], image: Any, key: int) -> tuple[list[int], list[int], str, Any]:
+        """``(prefix, target, task, image)`` of a text given as units, under the sample's task."""
+        text_ids = [i for unit in units for i in unit]
+        if self.predict:
+            return self.prompts["caption"], [], "caption", image
+        task = self.choose_task(image is not None, key)
+        if task == "denoise":
+            rng = random.Random(f"m6lit-noise:{self.seed}:{key}")
+            inputs, spans = span_corrupt(units, self.sentinels, rng, self.noise_density, self.mean_span_length)
+            return self.prompts["denoise"] + inputs, spans + [self.eos], task, image
+        return self.prompts[task], text_ids + [self.eos], task, (None if task == "lm" else image)
 
 
 def collate(examples: Sequence[dict | None], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, Any]:
@@ -274,6 +299,8 @@ def collate(examples: Sequence[dict | None], pad_token_id: int, pad_to_multiple_
             if reference is not None:
                 reference_ids[row, : len(reference)] = reference
         batch["reference_ids"] = reference_ids
+    if any("source" in e for e in rows):
+        batch["sources"] = [e.get("source", {}) for e in rows]
     batch["num_skipped"] = torch.tensor(num_skipped, dtype=torch.long)
     return batch
 

@@ -1,0 +1,30 @@
+"""M6ProgressBar: Lightning's RichProgressBar with a step counter and readable small numbers.
+
+With `max_steps` set, Lightning runs with `max_epochs=-1` and the rich bar would read "Epoch 0/-2"; this one names the step
+budget instead ("Train (max_steps 300)"). Metrics use three significant digits, so a learning rate of 3e-4 does not print as 0.000.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+
+
+class M6ProgressBar(RichProgressBar):
+    """RichProgressBar that counts optimizer steps when the run is bounded by `max_steps`.
+
+    Args:
+        refresh_rate: redraw every this many batches.
+        leave: keep the finished bar of each epoch on screen.
+        metrics_format: format of the metric values shown beside the bar.
+    """
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = True, metrics_format: str = ".3g") -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave,
+                         theme=RichProgressBarTheme(metrics_format=metrics_format))
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return f"Train (max_steps {trainer.max_steps})"
+        return super()._get_train_description(current_epoch)
