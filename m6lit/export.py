@@ -231,7 +231,7 @@ def model_card(model: M6Model, record: dict[str, Any], repo_name: str, data: dic
     step = record.get("global_step")
     revision = _git_revision()
     transformers_version = f"transformers {transformers.__version__}"
-    shared_lora = (f" In this pseudo model a block's adapter serves every layer that shares the block ({L} layers, "
+    shared_lora = (f"\n  In this pseudo model a block's adapter serves every layer that shares the block ({L} layers, "
                    f"{K} blocks)." if K < L else "")
     version = f"{__version__}" + (f" (git {revision})" if revision else "")
     body = f"""
@@ -305,8 +305,7 @@ print(processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_spec
   as is (the head stays tied to the embedding).
 - LoRA with PEFT: `target_modules={list(LORA_TARGETS)}` adapts exactly the attention projections (add
   `{list(LORA_DENSE_FFN_TARGETS)}` for the dense FFN layers; MoE experts are not `nn.Linear` and take no
-  LoRA). Do not use bare `"qkv"`/`"proj"` names: `"proj"` also matches the patch embedding's `Conv2d`
-  (`embed.patches.proj`).{shared_lora}
+  LoRA). Do not use a bare `"proj"`: it also matches the patch embedding's `Conv2d` (`embed.patches.proj`).{shared_lora}
 
 Back into m6lit for fine-tuning: set `model.init_from: <this folder>` with the same `model.config`.
 

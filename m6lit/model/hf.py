@@ -9,6 +9,8 @@ Generation runs through transformers' own `generate` (greedy, sampling, beam sea
 cache entry per logical layer, the image patches held at the front of the cache after the first step. Prompts must
 be left-padded (as for any decoder-only model in transformers); m6lit's own `M6Model.generate` takes right padding.
 By default the whole prompt is bidirectional context, as in m6lit's `generate`; pass `prefix_len` to change that.
+The config's `auto_map` names the model for `AutoModelForCausalLM`, `AutoModel` and `AutoModelForImageTextToText`
+(the "image-text-to-text" pipeline, with the processor of `processing.py`).
 """
 
 from __future__ import annotations

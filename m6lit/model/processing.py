@@ -9,7 +9,7 @@ numpy, PIL and transformers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def _as_pil(image: Any, index: int) -> Image.Image:
 class M6ImageProcessor(BaseImageProcessor):
     """Images → `pixel_values` [B, 3, S, S] with m6lit's `image_to_tensor` (S = the model's `image_size`)."""
 
-    model_input_names = ["pixel_values"]  # noqa: RUF012  (transformers' own class attribute)
+    model_input_names: ClassVar[list[str]] = ["pixel_values"]
 
     def __init__(self, image_size: int = 224, **kwargs: Any) -> None:
         super().__init__(**kwargs)
