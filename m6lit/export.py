@@ -4,7 +4,8 @@
                  [--tokenizer DIR] [--max_shard_size 5GB] [--overwrite] [--push_to_hub USER/NAME [--private]]
 
 The folder holds `config.json` (with `auto_map`), `model.safetensors` (sharded above `--max_shard_size`; no pickles),
-`generation_config.json`, the tokenizer files, the model package's source as remote code and a `README.md` model card
+`generation_config.json`, the processor (`processor_config.json`: m6lit's image preprocessing + the tokenizer files),
+the model package's source as remote code and a `README.md` model card
 whose figures come from the checkpoint. It is written to a hidden sibling directory and renamed into place when
 complete, so an interrupted export never leaves a folder that looks finished. A pseudo (shared) model keeps its
 sharing: each physical block is stored once and reloads shared.
@@ -37,11 +38,18 @@ from . import __version__
 from .data.tokenizer import load_tokenizer
 from .model import M6Config, M6Model
 from .model.hf import M6ForConditionalGeneration, M6HFConfig
+from .model.processing import M6ImageProcessor, M6Processor
 
 # M6Config keys that change no parameter and not what the weights mean, so a fine-tuning run may set them freely
 TRAINING_ONLY_KEYS = frozenset({"dropout", "balance_loss_coef", "z_loss_coef", "init_std"})
 NO_METRICS = ("The checkpoint holds no validation metric (no `ModelCheckpoint` or `EarlyStopping` monitoring one), "
               "so none is reported here. Evaluate the model before relying on it.")
+#: the transformers pipeline task the export runs under (transformers 5 folded "image-to-text" into it)
+PIPELINE_TAG = "image-text-to-text"
+#: PEFT `target_modules` that hit exactly the attention Linear layers (a bare "proj" would also hit the patch
+#: embedding's Conv2d `embed.patches.proj`) and the dense FFN Linear layers (MoE experts are not Linear layers)
+LORA_TARGETS = ("attn.qkv", "attn.proj")
+LORA_DENSE_FFN_TARGETS = ("ffn.w_gate", "ffn.w_up", "ffn.w_down")
 NO_DATA = ("The checkpoint does not record the training data (export with `--config` pointing at the run's "
            "config.yaml to list it here).")
 
@@ -201,7 +209,7 @@ def _data_lines(data: dict[str, Any] | None) -> list[str]:
 
 
 def model_card(model: M6Model, record: dict[str, Any], repo_name: str, data: dict[str, Any] | None = None,
-               license_id: str | None = None) -> str:
+               license_id: str | None = None, tokenizer_class: str = "ByT5Tokenizer") -> str:
     """README.md for the export: metadata header, architecture, parameters, sharing, experts, training, the
     checkpoint's own validation metrics (or a statement that it holds none), data, usage and limitations."""
     from huggingface_hub import ModelCardData
@@ -209,10 +217,10 @@ def model_card(model: M6Model, record: dict[str, Any], repo_name: str, data: dic
     c = model.config
     L, K = c.num_layers, len(model.blocks)
     moe_layers = [i for i in range(L) if c.is_moe_layer(i)]
-    tags = ["m6", "m6lit", "custom_code", "image-to-text", "multimodal"]
+    tags = ["m6", "m6lit", "custom_code", PIPELINE_TAG, "multimodal"]
     if moe_layers:
         tags.append("mixture-of-experts")
-    card_data = ModelCardData(library_name="transformers", pipeline_tag="image-to-text", tags=tags,
+    card_data = ModelCardData(library_name="transformers", pipeline_tag=PIPELINE_TAG, tags=tags,
                               license=license_id)
     unique, compute = model.num_parameters(unique=True), model.num_parameters(unique=False)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -243,6 +251,8 @@ def model_card(model: M6Model, record: dict[str, Any], repo_name: str, data: dic
     step = record.get("global_step")
     revision = _git_revision()
     transformers_version = f"transformers {transformers.__version__}"
+    shared_lora = (f"\n  In this pseudo model a block's adapter serves every layer that shares the block ({L} layers, "
+                   f"{K} blocks)." if K < L else "")
     version = f"{__version__}" + (f" (git {revision})" if revision else "")
     body = f"""
 # {repo_name}
@@ -281,20 +291,41 @@ text prefix are bidirectional context and the rest of the text is generated left
 ## Usage
 
 The folder carries its own model code; load it with `trust_remote_code=True` (pin a `revision` when loading from the
-Hub) and transformers 5 (exported with {transformers_version}). Batched prompts are padded on the left; by default the
-whole prompt is bidirectional context.
+Hub) and transformers 5 (exported with {transformers_version}). Images go through the shipped processor
+(`AutoProcessor`: m6lit's resize of the shorter side to {c.image_size}, centre crop, scaling to [-1, 1], and the
+tokenizer); without text it prompts with `caption:`. Prompts are padded on the left and the whole prompt is
+bidirectional context; a final EOS (which the tokenizer appends unless `add_special_tokens=False`) is dropped by
+`generate`.
 
 ```python
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from PIL import Image
+from transformers import pipeline
+
+captioner = pipeline("{PIPELINE_TAG}", model="{repo_name}", trust_remote_code=True)
+print(captioner(images=Image.open("photo.jpg"), text="caption:", max_new_tokens=32, return_full_text=False))
+```
+
+```python
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
 
 model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)
-prompt = tokenizer(["caption:"], add_special_tokens=False, return_tensors="pt")
-pixel_values = torch.zeros(1, 3, {c.image_size}, {c.image_size})  # RGB scaled to [-1, 1]
-tokens = model.generate(**prompt, pixel_values=pixel_values, max_new_tokens=32)
-print(tokenizer.batch_decode(tokens[:, prompt.input_ids.shape[1]:], skip_special_tokens=True))
+processor = AutoProcessor.from_pretrained("{repo_name}", trust_remote_code=True)
+inputs = processor(images=[Image.open("photo.jpg")], text=["caption:"])
+tokens = model.generate(**inputs, max_new_tokens=32)
+print(processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
+
+- Tokenizer only: `AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)`; or, without running any
+  of the folder's code, `trust_remote_code=False` (the tokenizer is transformers' own
+  `{tokenizer_class}`). Leaving `trust_remote_code` out makes transformers ask on the terminal, because
+  it reads the model's config first.
+- `AutoModel` loads the same class; `resize_token_embeddings` grows the embedding and the tied head together.
+- accelerate: `init_empty_weights()` + `load_checkpoint_and_dispatch(model, "{repo_name}", device_map=...)` works
+  as is (the head stays tied to the embedding).
+- LoRA with PEFT: `target_modules={list(LORA_TARGETS)}` adapts exactly the attention projections (add
+  `{list(LORA_DENSE_FFN_TARGETS)}` for the dense FFN layers; MoE experts are not `nn.Linear` and take no
+  LoRA). Do not use a bare `"proj"`: it also matches the patch embedding's `Conv2d` (`embed.patches.proj`).{shared_lora}
 
 Back into m6lit for fine-tuning: set `model.init_from: <this folder>` with the same `model.config`.
 
@@ -344,7 +375,7 @@ def write_export(model: M6Model, output_dir: Path, tokenizer: PreTrainedTokenize
         hf_model = M6ForConditionalGeneration.from_m6(model)
         hf_model.generation_config = generation
         hf_model.save_pretrained(staging, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(staging)
+        M6Processor(M6ImageProcessor(image_size=model.config.image_size), tokenizer).save_pretrained(staging)
         (staging / "README.md").write_text(card, encoding="utf-8")
         pickles = sorted(p.name for p in staging.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         if pickles:
@@ -401,7 +432,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output_dir: str | os.Pa
     generation = GenerationConfig(max_new_tokens=int(hparams.get("max_new_tokens", 32)), **sampling,
                                   pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
     out = Path(output_dir).resolve()
-    card = model_card(model, training_record(ckpt), push_to_hub or out.name, data, license_id)
+    card = model_card(model, training_record(ckpt), push_to_hub or out.name, data, license_id, type(tok).__name__)
     out = write_export(model, out, tok, card, generation, max_shard_size, overwrite)
     if push_to_hub:
         push_folder(out, push_to_hub, private)

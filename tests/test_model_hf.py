@@ -6,14 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    ByT5Tokenizer,
+    DynamicCache,
+)
 
 import m6lit  # noqa: F401  (registers the auto classes)
 from m6lit.model import M6Config, M6Model, lm_loss
-from m6lit.model.hf import CONFIG_KEYS, M6ForConditionalGeneration, M6HFConfig
+from m6lit.model.hf import CONFIG_KEYS, M6ForConditionalGeneration, M6HFConfig, drop_final_eos
+from m6lit.model.processing import M6ImageProcessor, M6Processor, image_to_tensor
 
 VOCAB, PAD, EOS = 64, 0, 1
 
@@ -83,8 +94,9 @@ def test_config_round_trip_writes_every_field_and_no_generation_keys(saved: tupl
     assert set(CONFIG_KEYS.values()) <= set(written)  # defaults included, e.g. router and capacity_factor
     assert written["num_experts_per_tok"] == 2 and "top_k" not in written  # MoE top-k is not a sampling top_k
     assert written["model_type"] == "m6" and written["num_unique_blocks"] == 2
-    assert written["auto_map"] == {"AutoConfig": "hf.M6HFConfig",
-                                   "AutoModelForCausalLM": "hf.M6ForConditionalGeneration"}
+    assert written["auto_map"] == {"AutoConfig": "hf.M6HFConfig", "AutoModel": "hf.M6ForConditionalGeneration",
+                                   "AutoModelForCausalLM": "hf.M6ForConditionalGeneration",
+                                   "AutoModelForImageTextToText": "hf.M6ForConditionalGeneration"}
     assert M6HFConfig.from_pretrained(folder).to_m6_config() == model.config
 
 
@@ -98,11 +110,12 @@ def test_config_rejects_an_invalid_m6_config_naming_the_key() -> None:
 def test_auto_classes_know_m6_without_remote_code(saved: tuple[M6Model, Path]) -> None:
     model, folder = saved
     assert type(AutoConfig.for_model("m6")) is M6HFConfig
-    local = AutoModelForCausalLM.from_pretrained(folder).eval()
-    assert type(local) is M6ForConditionalGeneration
     batch = _prompts()
-    with torch.no_grad():
-        assert torch.equal(local(**batch).logits, model(batch).logits)
+    for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText):
+        local = auto.from_pretrained(folder).eval()
+        assert type(local) is M6ForConditionalGeneration, auto.__name__
+        with torch.no_grad():
+            assert torch.equal(local(**batch).logits, model(batch).logits), auto.__name__
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -224,3 +237,137 @@ def test_loading_initialises_only_missing_weights(saved: tuple[M6Model, Path], t
             assert not torch.equal(tensor, reference[name])
         else:
             assert torch.equal(tensor, reference[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ prompts ending in EOS
+def test_drop_final_eos_moves_rows_right_over_their_eos() -> None:
+    ids = torch.tensor([[0, 5, 6, EOS], [7, 8, 9, 10], [0, 0, 4, EOS]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    out_ids, out_mask = drop_final_eos(ids, mask, EOS, PAD)
+    assert out_ids.tolist() == [[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 4]]
+    assert out_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]]
+    no_mask_ids, no_mask = drop_final_eos(torch.tensor([[5, EOS], [6, 7]]), None, EOS, PAD)
+    assert no_mask_ids.tolist() == [[0, 5], [6, 7]] and no_mask.tolist() == [[0, 1], [1, 1]]
+    untouched = torch.tensor([[5, 6]])
+    assert drop_final_eos(untouched, None, EOS, PAD) == (untouched, None)
+    with pytest.raises(ValueError, match=r"prompt rows \[1\] hold nothing but EOS"):
+        drop_final_eos(torch.tensor([[5, 6], [0, EOS]]), torch.tensor([[1, 1], [0, 1]]), EOS, PAD)
+
+
+def test_generate_ignores_the_eos_a_default_tokenization_appends(saved: tuple[M6Model, Path],
+                                                                 loaded: M6ForConditionalGeneration) -> None:
+    model, _ = saved
+    prompts = _prompts()
+    ref = model.generate(**prompts, max_new_tokens=6, eos_token_id=-1)
+    left = _left_padded(prompts)
+    with_eos = dict(left, input_ids=torch.cat([left["input_ids"], torch.full((3, 1), EOS)], 1),
+                    attention_mask=torch.cat([left["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1))
+    out = loaded.generate(**with_eos, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(out[:, 6:], ref)  # same width as the given prompt, then m6lit's continuation
+
+
+# ------------------------------------------------------------------------------------------------ HF utilities
+def test_resize_token_embeddings_keeps_the_tie_and_the_m6_config(saved: tuple[M6Model, Path],
+                                                                 tmp_path: Path) -> None:
+    model, folder = saved
+    hf = M6ForConditionalGeneration.from_pretrained(folder).eval()
+    hf.resize_token_embeddings(VOCAB + 8)
+    assert hf.model.config.vocab_size == hf.config.vocab_size == VOCAB + 8
+    assert hf.model.lm_head.weight is hf.model.embed.tokens.weight
+    assert hf.model.lm_head.weight.shape == (VOCAB + 8, 32)
+    batch = _prompts()
+    with torch.no_grad():
+        assert torch.equal(hf(**batch).logits[..., :VOCAB], model(batch).logits)
+    batch["input_ids"][0, 1] = VOCAB + 7
+    hf.save_pretrained(tmp_path)
+    again = M6ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, hf(**batch).logits)
+
+
+def test_empty_init_keeps_the_head_tied_so_accelerate_can_dispatch(saved: tuple[M6Model, Path]) -> None:
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    model, folder = saved
+    with init_empty_weights():
+        empty = M6ForConditionalGeneration(M6HFConfig.from_pretrained(folder))
+    assert empty.model.lm_head.weight is empty.model.embed.tokens.weight
+    assert empty.model.lm_head.weight.is_meta
+    dispatched = load_checkpoint_and_dispatch(empty, str(folder), device_map="auto").eval()
+    assert not [n for n, p in dispatched.named_parameters() if p.is_meta]
+    batch = _prompts()
+    with torch.no_grad():
+        assert torch.equal(dispatched(**batch).logits, model(batch).logits)
+    untied = M6ForConditionalGeneration(M6HFConfig.from_m6_config(_config(tie_embeddings=False)))
+    assert untied.model.lm_head.weight is not untied.model.embed.tokens.weight
+
+
+# ------------------------------------------------------------------------------------------------ processors
+def test_image_processor_is_m6lits_image_path_for_pil_numpy_and_tensor_inputs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((9, 30, 3), (16, 16, 3), (40, 12, 3))]
+    expected = torch.stack([image_to_tensor(Image.fromarray(a), 16) for a in arrays])
+    processor = M6ImageProcessor(image_size=16)
+    assert torch.equal(processor([Image.fromarray(a) for a in arrays])["pixel_values"], expected)
+    assert torch.equal(processor(list(arrays))["pixel_values"], expected)
+    assert torch.equal(processor([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])["pixel_values"], expected)
+    grey = Image.fromarray(arrays[0][..., 0])  # mode "L" becomes RGB as in training
+    assert torch.equal(processor(grey)["pixel_values"][0], image_to_tensor(grey, 16))
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is M6ImageProcessor and reloaded.image_size == 16
+    with pytest.raises(TypeError, match="image 1 is a str"):
+        processor([Image.fromarray(arrays[0]), "photo.jpg"])
+    with pytest.raises(TypeError, match=r"unknown arguments \['size'\]"):
+        processor(grey, size=32)
+
+
+def test_processor_round_trip_and_errors(tmp_path: Path) -> None:
+    from PIL import Image
+
+    tokenizer = ByT5Tokenizer()
+    tokenizer.padding_side = "left"
+    processor = M6Processor(M6ImageProcessor(image_size=16), tokenizer)
+    image = Image.new("RGB", (20, 16), (255, 0, 0))
+    out = processor(images=[image, image], text="caption:")  # one text for every image
+    assert out["input_ids"].tolist() == [[b + 3 for b in b"caption:"]] * 2
+    assert out["pixel_values"].shape == (2, 3, 16, 16)
+    text_only = processor(text=["text: ab", "text:"])
+    assert "pixel_values" not in text_only and text_only["attention_mask"].tolist()[1][:3] == [0, 0, 0]
+    with_eos = processor(text="text:", add_special_tokens=True)
+    assert with_eos["input_ids"][0, -1] == EOS  # asked for explicitly
+    with pytest.raises(ValueError, match="2 images but 3 texts"):
+        processor(images=[image, image], text=["a", "b", "c"])
+    with pytest.raises(ValueError, match="pass images, text or both"):
+        processor()
+    processor.save_pretrained(tmp_path)
+    M6ForConditionalGeneration.from_m6(_model()).save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is M6Processor and type(reloaded.image_processor) is M6ImageProcessor
+    assert torch.equal(reloaded(images=image)["pixel_values"], processor(images=image)["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------------ PEFT targets
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_documented_lora_targets_match_only_the_intended_linear_layers(blocks: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from m6lit.export import LORA_DENSE_FFN_TARGETS, LORA_TARGETS
+
+    def adapted(targets) -> dict[str, str]:
+        """LoRA-wrapped module → the type of the layer it wraps."""
+        hf = M6ForConditionalGeneration.from_m6(_model(num_unique_blocks=blocks))
+        lora = get_peft_model(hf, LoraConfig(r=2, target_modules=list(targets)))
+        return {name[len("base_model.model."):]: type(module.base_layer).__name__
+                for name, module in lora.named_modules() if isinstance(module, LoraLayer)}
+
+    attention = adapted(LORA_TARGETS)
+    assert attention == {f"model.blocks.{i}.attn.{name}": "Linear" for i in range(blocks) for name in ("qkv", "proj")}
+    dense = adapted(LORA_DENSE_FFN_TARGETS)
+    dense_blocks = [i for i in range(blocks) if not _config(num_unique_blocks=blocks).is_moe_layer(i)]
+    assert dense == {f"model.blocks.{i}.ffn.{name}": "Linear" for i in dense_blocks
+                     for name in ("w_gate", "w_up", "w_down")}
+    assert adapted(["proj"])["model.embed.patches.proj"] == "Conv2d"  # why the card warns about a bare "proj"

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
+from ..model.processing import image_to_tensor as _image_to_tensor
 from .sources import BadSampleError, OnBadSample, handle_bad_sample, worker_info
 from .tokenizer import sentinel_ids
 
@@ -72,17 +73,9 @@ class TaskMix:
 
 
 def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """RGB, resize the shorter side to ``image_size``, center-crop, scale to [−1, 1]: float32 ``[3, S, S]``."""
-    image = image.convert("RGB")
-    width, height = image.size
-    if (width, height) != (image_size, image_size):
-        scale = image_size / min(width, height)
-        new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1).contiguous()
+    """RGB, resize the shorter side to ``image_size``, center-crop, scale to [−1, 1]: float32 ``[3, S, S]``
+    (implemented in ``m6lit.model.processing``, which the exported image processor runs too)."""
+    return _image_to_tensor(image, image_size)
 
 
 def _split_lengths(total: int, parts: int, rng: random.Random) -> list[int]:

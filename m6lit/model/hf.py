@@ -9,6 +9,8 @@ Generation runs through transformers' own `generate` (greedy, sampling, beam sea
 cache entry per logical layer, the image patches held at the front of the cache after the first step. Prompts must
 be left-padded (as for any decoder-only model in transformers); m6lit's own `M6Model.generate` takes right padding.
 By default the whole prompt is bidirectional context, as in m6lit's `generate`; pass `prefix_len` to change that.
+The config's `auto_map` names the model for `AutoModelForCausalLM`, `AutoModel` and `AutoModelForImageTextToText`
+(the "image-text-to-text" pipeline, with the processor of `processing.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import torch
 from torch import Tensor
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
@@ -32,6 +38,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import M6Config
 from .m6 import M6Model, lm_loss
+from .processing import M6ImageProcessor, M6Processor
 
 # transformers reads generation settings (top_k, temperature, ...) from a model config and refuses to save a config
 # that holds them, so an M6 field with such a name is stored under another key: MoE top-k under the name
@@ -42,6 +49,9 @@ CONFIG_KEYS: dict[str, str] = {
     f.name: _RENAMED.get(f.name, f"m6_{f.name}" if f.name in _GENERATION_KEYS else f.name)
     for f in dataclasses.fields(M6Config)
 }
+# the Auto classes that load the model: `register_for_auto_class` records one of them (the first), the config's
+# `auto_map` repeats it for the others, so `AutoModel` and the "image-text-to-text" pipeline find the model too
+MODEL_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText")
 
 
 class M6HFConfig(PreTrainedConfig):
@@ -80,7 +90,18 @@ class M6HFConfig(PreTrainedConfig):
         of the code that reads it."""
         out = super().to_diff_dict()
         out.update({CONFIG_KEYS[name]: value for name, value in self.to_m6_config().to_dict().items()})
-        return out
+        return _with_all_model_classes(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _with_all_model_classes(super().to_dict())
+
+
+def _with_all_model_classes(config: dict[str, Any]) -> dict[str, Any]:
+    """`auto_map` with every class of `MODEL_AUTO_CLASSES` pointing at the model save_pretrained recorded."""
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict) and MODEL_AUTO_CLASSES[0] in auto_map:
+        config["auto_map"] = {**auto_map, **{name: auto_map[MODEL_AUTO_CLASSES[0]] for name in MODEL_AUTO_CLASSES}}
+    return config
 
 
 class _CacheView:
@@ -123,6 +144,16 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = M6Model(config.to_m6_config())
         self.post_init()
+        self._tie_head()
+
+    def _tie_head(self) -> None:
+        """Share the LM head with the token embedding when the config ties them. `post_init` ties through
+        `setattr`, which accelerate's `init_empty_weights` intercepts to give every registered parameter a fresh meta
+        tensor, so the tie would be lost and `load_checkpoint_and_dispatch` could not fill the head; writing the
+        parameter table directly keeps the tie in any context."""
+        m6 = self.model
+        if self.config.tie_word_embeddings and m6.lm_head.weight is not m6.embed.tokens.weight:
+            m6.lm_head._parameters["weight"] = m6.embed.tokens.weight
 
     @classmethod
     def from_m6(cls, model: M6Model, **config_kwargs: Any) -> M6ForConditionalGeneration:
@@ -143,8 +174,22 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed.tokens
 
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.embed.tokens = value
+
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.lm_head
+
+    def set_output_embeddings(self, new_embeddings: torch.nn.Module) -> None:
+        self.model.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> torch.nn.Embedding:
+        """transformers' resize (embedding, head, `config.vocab_size`), keeping `M6Model.config` in step."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.model.config = self.config.to_m6_config()
+        self._tie_head()
+        return embeddings
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, prefix_len: Tensor | None = None,
@@ -204,10 +249,14 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs: Any) -> Any:
         """transformers' `generate` with m6lit's defaults: the whole (left-padded) prompt is bidirectional context
-        unless `prefix_len` says otherwise, and a right-padded batch or a too-long request fails up front."""
+        unless `prefix_len` says otherwise, a prompt's final EOS is dropped (see `drop_final_eos`), and a
+        right-padded batch or a too-long request fails up front."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         mask = kwargs.get("attention_mask")
         if input_ids is not None:
+            inputs = None
+            input_ids, mask = drop_final_eos(input_ids, mask, self.config.eos_token_id, self.config.pad_token_id)
+            kwargs.update(input_ids=input_ids, attention_mask=mask)
             b, t = input_ids.shape
             if mask is not None and bool((mask[:, -1] == 0).any()):
                 raise ValueError("generate: attention_mask has padding in its last column (right padding); pad "
@@ -225,10 +274,40 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return super().generate(inputs, generation_config, **kwargs)
 
 
+def drop_final_eos(input_ids: Tensor, attention_mask: Tensor | None, eos_token_id: int | None,
+                   pad_token_id: int) -> tuple[Tensor, Tensor | None]:
+    """Left-padded prompts [B, T] without a final EOS, same width. A tokenizer called with its defaults (ByT5's,
+    T5's) ends every text with EOS, but an M6 prompt is a prefix to continue, never a finished text (m6lit never
+    trains on an EOS inside the prefix; after one the model predicts only more EOS). A row ending with EOS moves
+    one column right over it, gaining one left padding column, so `tokens[:, prompt_width:]` is still the new
+    text."""
+    if eos_token_id is None or input_ids.shape[1] == 0:
+        return input_ids, attention_mask
+    ends = input_ids[:, -1] == eos_token_id
+    if attention_mask is not None:
+        ends &= attention_mask[:, -1].bool()
+    if not bool(ends.any()):
+        return input_ids, attention_mask
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    shifted_ids = torch.cat([torch.full_like(input_ids[:, :1], pad_token_id), input_ids[:, :-1]], dim=1)
+    shifted_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    ids = torch.where(ends[:, None], shifted_ids, input_ids)
+    mask = torch.where(ends[:, None], shifted_mask, mask)
+    empty = (~mask.bool().any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"generate: prompt rows {empty} hold nothing but EOS; pass at least one prompt token "
+                         f"(m6lit's task prompts are 'caption:', 'text:', 'denoise:')")
+    return ids, mask
+
+
 def register_auto_classes() -> None:
-    """Make "m6" known to `AutoConfig` and `AutoModelForCausalLM` in this process (no remote code needed)."""
+    """Make "m6" known to the Auto classes in this process (no remote code needed): config, model (as
+    `AutoModelForCausalLM`, `AutoModel` and `AutoModelForImageTextToText`), image processor and processor."""
     AutoConfig.register(M6HFConfig.model_type, M6HFConfig, exist_ok=True)
-    AutoModelForCausalLM.register(M6HFConfig, M6ForConditionalGeneration, exist_ok=True)
+    for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText):
+        auto.register(M6HFConfig, M6ForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(M6HFConfig, M6ImageProcessor, exist_ok=True)
+    AutoProcessor.register(M6HFConfig, M6Processor, exist_ok=True)
 
 
 # `save_pretrained` then copies this file and its sibling imports next to the weights and writes `auto_map`, so the
@@ -236,4 +315,5 @@ def register_auto_classes() -> None:
 M6HFConfig.register_for_auto_class()
 M6ForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["CONFIG_KEYS", "M6ForConditionalGeneration", "M6HFConfig", "register_auto_classes", "text_positions"]
+__all__ = ["CONFIG_KEYS", "MODEL_AUTO_CLASSES", "M6ForConditionalGeneration", "M6HFConfig", "drop_final_eos",
+           "register_auto_classes", "text_positions"]
