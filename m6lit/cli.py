@@ -77,6 +77,8 @@ class M6CLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
+        parser.link_arguments("data.image_codebook_size", "model.config.image_codebook_size", apply_on="instantiate")
+        parser.link_arguments("data.image_grid_size", "model.config.image_grid_size", apply_on="instantiate")
         parser.link_arguments("model.config.image_size", "data.image_size")
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)

@@ -21,7 +21,8 @@ from torchmetrics import MeanMetric
 from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 
-NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos")
+NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos",
+                     "embed.code_row.weight", "embed.code_col.weight")
 
 
 def build_param_groups(model: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
@@ -70,6 +71,9 @@ class M6LitModule(LightningModule):
         min_lr_ratio: final LR as a fraction of the peak (cosine decay over the run's total steps).
         max_new_tokens: caption length for `predict_step`.
         do_sample / temperature / top_p: decoding for `predict_step` (greedy by default).
+        task_loss_weights: per-task loss weights (keys from `m6lit.data.tasks.TASKS`, missing tasks weigh 1): the loss
+            is then each task's token mean, weighted over the tasks in the batch, instead of one token mean (image
+            codes would swamp captions). Each task's loss is logged as `train/loss_<task>` either way.
         init_from: a folder written by `m6lit export` to start from (fine-tuning); its config must match `config`
             (a larger `num_unique_blocks` that refines its sharing is allowed). Not saved in checkpoints: they hold
             the weights themselves.
@@ -78,7 +82,8 @@ class M6LitModule(LightningModule):
     def __init__(self, config: M6Config = M6Config(),
                  optimizer: Optional[OptimizerCallable] = None, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None) -> None:
+                 temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None,
+                 task_loss_weights: Optional[dict[str, float]] = None) -> None:
         super().__init__()
         # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
         config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -188,7 +193,7 @@ class M6LitModule(LightningModule):
             self._positions = 0
             return None  # every sample of this batch was skipped as bad input (counted above): no step
         out = self.model(batch)
-        lm = lm_loss(out.logits, batch["labels"])
+        lm = self._lm_loss(out.logits, batch)
         loss = lm + out.aux_loss
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
@@ -203,6 +208,24 @@ class M6LitModule(LightningModule):
             self.log("train/z_loss", out.z_loss, batch_size=bs)
         self._positions = int(batch["attention_mask"].sum()) + out.image_len * bs
         return loss
+
+    def _lm_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Token-mean LM loss, or the per-task weighted loss with `task_loss_weights`; logs each task's loss."""
+        from .data.tasks import TASKS
+        from .model.task_loss import per_task_loss
+
+        if "task_ids" not in batch:
+            return lm_loss(logits, batch["labels"])
+        given = self.hparams.get("task_loss_weights") or {}
+        unknown = sorted(set(given) - set(TASKS))
+        if unknown:
+            raise ValueError(f"model.task_loss_weights: unknown task(s) {unknown}; tasks are {list(TASKS)}")
+        weighted, means, counts = per_task_loss(logits, batch["labels"], batch["task_ids"],
+                                                [float(given.get(t, 1.0)) for t in TASKS])
+        for task, mean, count in zip(TASKS, means, counts.tolist()):
+            if count > 0:
+                self.log(f"train/loss_{task}", mean, batch_size=int(count))
+        return weighted if given else lm_loss(logits, batch["labels"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None:
