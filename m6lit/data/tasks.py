@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
+from ..model.image_generation import CAPTION_PROMPT, GENERATE_PROMPT
 from .sources import BadSampleError, OnBadSample, handle_bad_sample, worker_info
 from .tokenizer import sentinel_ids
 
@@ -55,7 +56,8 @@ __all__ = [
 
 TASKS: tuple[str, ...] = ("caption", "denoise", "lm", "generate")
 #: task prompt texts; each is the start of the prefix (≥ 1 token with any tokenizer).
-PROMPTS: dict[str, str] = {"caption": "caption:", "denoise": "denoise:", "lm": "text:", "generate": "image:"}
+PROMPTS: dict[str, str] = {"caption": CAPTION_PROMPT, "denoise": "denoise:", "lm": "text:",
+                           "generate": GENERATE_PROMPT}
 
 
 @dataclass

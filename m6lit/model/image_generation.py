@@ -21,7 +21,13 @@ from .attention import KVCache
 from .image_vocab import ImageVocab
 from .m6 import IGNORE_INDEX, M6Model
 
-__all__ = ["caption_log_likelihood", "edit_region", "generate_image_codes", "generate_images", "pad_prompts",
+#: the generate and caption tasks' prompt texts (m6lit.data.tasks.PROMPTS uses the same)
+GENERATE_PROMPT = "image:"
+CAPTION_PROMPT = "caption:"
+#: the sub-folder of an export that holds the image tokenizer (a transformers `JanusVQVAE`)
+IMAGE_TOKENIZER_FOLDER = "image_tokenizer"
+
+__all__ = ["CAPTION_PROMPT", "GENERATE_PROMPT", "IMAGE_TOKENIZER_FOLDER", "caption_log_likelihood", "edit_region", "generate_image_codes", "generate_images", "pad_prompts",
            "sample_codes"]
 
 
