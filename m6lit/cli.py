@@ -46,6 +46,7 @@ from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.data.sources import BadSampleError
 from m6lit.module import M6LitModule
+from m6lit.tokenizer_module import ImageTokenizerModule
 
 #: `model.config` keys that do not change parameter shapes or their layout: a `--model.config.<key>` given with
 #: `--ckpt_path` is applied over the checkpoint's value; any other key that differs is an error.
@@ -117,6 +118,8 @@ class M6CLI(LightningCLI):
     """LightningCLI with m6lit's defaults and argument links (vocab/pad/eos ids from the tokenizer, image size and
     text budget from the model config)."""
 
+    module_class: type[LightningModule] = M6LitModule
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._argv = list(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
         kwargs.setdefault("save_config_callback", M6SaveConfig)
@@ -131,7 +134,7 @@ class M6CLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {
             "logger": lazy_instance(M6WandbLogger, project="m6lit", save_dir="runs", offline=True),
         })
-        super().__init__(M6LitModule, ImageTextDataModule, *args, **kwargs)
+        super().__init__(self.module_class, ImageTextDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
@@ -144,6 +147,8 @@ class M6CLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
+        parser.link_arguments("data.image_codebook_size", "model.config.image_codebook_size", apply_on="instantiate")
+        parser.link_arguments("data.image_grid_size", "model.config.image_grid_size", apply_on="instantiate")
         parser.link_arguments("model.config.image_size", "data.image_size")
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)
@@ -254,6 +259,43 @@ class M6CLI(LightningCLI):
         return trainer
 
 
+class TokenizerCLI(M6CLI):
+    """The CLI for a config whose `model.class_path` is the image tokenizer's module (`ImageTokenizerModule`):
+    the same defaults, checkpointing and data, with the tokenizer's own links (image size only)."""
+
+    module_class = ImageTokenizerModule
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
+                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        parser.link_arguments("model.init_args.image_size", "data.image_size")
+
+
+def _model_class_path(argv: list[str]) -> Optional[str]:
+    """The `model.class_path` the command line selects (stacked `--config` files, later ones win), if any."""
+    import yaml
+
+    found: Optional[str] = None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--config", "--model", "--model.class_path") and i + 1 < len(argv) else None
+        if arg.startswith(("--config=", "--model=", "--model.class_path=")):
+            arg, value = arg.split("=", 1)
+        if value is None:
+            continue
+        if arg == "--config" and Path(value).is_file():
+            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
+            if isinstance(model, dict) and "class_path" in model:
+                found = str(model["class_path"])
+        elif arg in ("--model", "--model.class_path") and not value.lstrip().startswith(("{", "/")):
+            found = value
+    return found
+
+
 # Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
 EXTRA_COMMANDS = {
     "export": "m6lit.export:main",
@@ -285,6 +327,10 @@ def main(args: Optional[list[str]] = None) -> None:
         if argv and argv[0] in EXTRA_COMMANDS:
             module_name, function_name = EXTRA_COMMANDS[argv[0]].split(":")
             getattr(importlib.import_module(module_name), function_name)(argv[1:])
+            return
+        class_path = _model_class_path(argv)
+        if class_path is not None and class_path.split(".")[-1] == ImageTokenizerModule.__name__:
+            TokenizerCLI(args=args)
             return
         M6CLI(args=args)
     except (ValueError, FileNotFoundError) as err:

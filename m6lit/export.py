@@ -39,6 +39,7 @@ from .data.tokenizer import load_tokenizer
 from .model import M6Config, M6Model
 from .model.hf import M6ForConditionalGeneration, M6HFConfig
 from .model.processing import M6ImageProcessor, M6Processor
+from .model.image_generation import IMAGE_TOKENIZER_FOLDER
 
 # M6Config keys that change no parameter and not what the weights mean, so a fine-tuning run may set them freely
 TRAINING_ONLY_KEYS = frozenset({"dropout", "balance_loss_coef", "z_loss_coef", "init_std"})
@@ -362,7 +363,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
 
 def write_export(model: M6Model, output_dir: Path, tokenizer: PreTrainedTokenizerBase, card: str,
                  generation: GenerationConfig, max_shard_size: int | str = "5GB",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, image_tokenizer: Any = None) -> Path:
     """Write the folder atomically: everything goes to a hidden sibling directory, renamed into place at the end."""
     output_dir = Path(output_dir).resolve()
     _prepare_output(output_dir, overwrite)
@@ -376,6 +377,8 @@ def write_export(model: M6Model, output_dir: Path, tokenizer: PreTrainedTokenize
         hf_model.generation_config = generation
         hf_model.save_pretrained(staging, max_shard_size=max_shard_size)
         M6Processor(M6ImageProcessor(image_size=model.config.image_size), tokenizer).save_pretrained(staging)
+        if image_tokenizer is not None:  # the frozen image tokenizer beside the model (`generate_images` reads it)
+            image_tokenizer.save_pretrained(staging / IMAGE_TOKENIZER_FOLDER)
         (staging / "README.md").write_text(card, encoding="utf-8")
         pickles = sorted(p.name for p in staging.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         if pickles:
@@ -407,7 +410,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output_dir: str | os.Pa
                       tokenizer: str | None = None, run_config: str | os.PathLike[str] | None = None,
                       max_shard_size: int | str = "5GB", overwrite: bool = False,
                       push_to_hub: str | None = None, private: bool = False,
-                      license_id: str | None = None) -> Path:
+                      license_id: str | None = None, image_tokenizer: str | None = None) -> Path:
     """Checkpoint → Hugging Face folder (see the module docstring); every input is checked before anything is
     written. `run_config` is the run's config.yaml (data sources and tokenizer for the card); `tokenizer` overrides
     the tokenizer (default: the run config's, else ByT5)."""
@@ -431,12 +434,33 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output_dir: str | os.Pa
                 "top_p": float(hparams.get("top_p", 1.0)), "top_k": 0} if hparams.get("do_sample") else {}
     generation = GenerationConfig(max_new_tokens=int(hparams.get("max_new_tokens", 32)), **sampling,
                                   pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    vq = _image_tokenizer(model.config, image_tokenizer or (data or {}).get("image_tokenizer"))
     out = Path(output_dir).resolve()
     card = model_card(model, training_record(ckpt), push_to_hub or out.name, data, license_id, type(tok).__name__)
-    out = write_export(model, out, tok, card, generation, max_shard_size, overwrite)
+    out = write_export(model, out, tok, card, generation, max_shard_size, overwrite, vq)
     if push_to_hub:
         push_folder(out, push_to_hub, private)
     return out
+
+
+def _image_tokenizer(config: M6Config, folder: str | None) -> Any:
+    """The image tokenizer to export beside a model with image codes (checked against its config), else None."""
+    if not config.image_codebook_size:
+        return None
+    if folder is None:
+        raise ExportError("the model generates images (image_codebook_size="
+                          f"{config.image_codebook_size}); pass its image tokenizer folder (--image_tokenizer, or "
+                          f"--config with data.image_tokenizer)")
+    from .model.image_tokenizer import load_image_tokenizer
+    from .model.image_vocab import ImageVocab
+
+    try:
+        vq = load_image_tokenizer(folder, key="--image_tokenizer")
+        ImageVocab.from_config(config).check_tokenizer(int(vq.config.num_embeddings), int(vq.config.num_patches),
+                                                       where=f"image tokenizer {folder!r}")
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    return vq
 
 
 # ---------------------------------------------------------------------------------------------------- init_from
@@ -539,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run's config.yaml: its data section (sources, tokenizer) goes into the model card")
     parser.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: the run config's, "
                                                           "else ByT5)")
+    parser.add_argument("--image_tokenizer", default=None, help="image tokenizer folder of a model that generates "
+                        "images (default: the run config's data.image_tokenizer)")
     parser.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this size")
     parser.add_argument("--license", dest="license_id", default=None, help="license id for the card metadata")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
@@ -553,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = export_checkpoint(args.ckpt_path, args.output_dir, tokenizer=args.tokenizer, run_config=args.run_config,
                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                push_to_hub=args.push_to_hub, private=args.private, license_id=args.license_id)
+                                push_to_hub=args.push_to_hub, private=args.private, license_id=args.license_id,
+                                image_tokenizer=args.image_tokenizer)
     except ExportError as err:
         raise SystemExit(f"m6lit export: error: {err}") from None
     print(f"exported {args.ckpt_path} to {out}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))

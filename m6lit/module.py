@@ -30,7 +30,8 @@ THROUGHPUT_WINDOW = 10
 #: dense bf16 peak of H100/H200 (SXM), the basis of `train/mfu` on those GPUs unless `peak_flops` is given
 HOPPER_BF16_FLOPS = 989e12
 
-NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos")
+NO_DECAY_SUFFIXES = ("embed.tokens.weight", "embed.text_pos.weight", "embed.modality.weight", "embed.patches.pos",
+                     "embed.code_row.weight", "embed.code_col.weight")
 
 
 def build_param_groups(model: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
@@ -79,6 +80,13 @@ class M6LitModule(LightningModule):
         min_lr_ratio: final LR as a fraction of the peak (cosine decay over the run's total steps).
         max_new_tokens: caption length for `predict_step`.
         do_sample / temperature / top_p: decoding for `predict_step` (greedy by default).
+        task_loss_weights: per-task loss weights (keys from `m6lit.data.tasks.TASKS`, missing tasks weigh 1): the loss
+            is then each task's token mean, weighted over the tasks in the batch, instead of one token mean (image
+            codes would swamp captions). Each task's loss is logged as `train/loss_<task>` either way.
+        predict_task: "caption" (captions for the predict images) or "generate" (images for the predict texts,
+            with `data.image_tokenizer`; write them with `m6lit.callbacks.ImageWriter`).
+        image_guidance_scale / image_temperature / image_top_k / image_top_p / image_candidates: image sampling
+            (classifier-free guidance scale; candidates per prompt, reranked by the model's caption likelihood).
         init_from: a folder written by `m6lit export` to start from (fine-tuning); its config must match `config`
             (a larger `num_unique_blocks` that refines its sharing is allowed). Not saved in checkpoints: they hold
             the weights themselves.
@@ -96,7 +104,9 @@ class M6LitModule(LightningModule):
                  min_lr_ratio: float = 0.1, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, init_from: Optional[str] = None,
                  compile_blocks: Union[bool, dict[str, Any]] = False, loss_chunk_tokens: Optional[int] = None,
-                 peak_flops: Optional[float] = None) -> None:
+                 peak_flops: Optional[float] = None, task_loss_weights: Optional[dict[str, float]] = None,
+                 predict_task: str = "caption", image_guidance_scale: float = 3.0, image_temperature: float = 1.0,
+                 image_top_k: int = 0, image_top_p: float = 1.0, image_candidates: int = 1) -> None:
         super().__init__()
         # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
         config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -109,6 +119,8 @@ class M6LitModule(LightningModule):
             raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 1 (or None for the plain loss)")
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops={peak_flops} must be > 0 (or None)")
+        if predict_task not in ("caption", "generate"):
+            raise ValueError(f"model.predict_task={predict_task!r}: must be 'caption' or 'generate'")
         self.save_hyperparameters(ignore=["optimizer", "init_from"])
         self.hparams["config"] = config.to_dict()
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] = optimizer or _default_optimizer
@@ -255,7 +267,7 @@ class M6LitModule(LightningModule):
             lm = chunked_lm_loss(out.hidden[:, out.image_len:], self.model.lm_head.weight, batch["labels"], chunk)
         else:
             out = self.model(batch)
-            lm = lm_loss(out.logits, batch["labels"])
+            lm = self._lm_loss(out.logits, batch)
         loss = lm + out.aux_loss
         self._record_finite(loss)
         if self._reads_metrics_now():
@@ -319,6 +331,32 @@ class M6LitModule(LightningModule):
                     peak = get_available_flops(self.device, torch.bfloat16)
             self._peak = float(peak) if peak else 0.0
         return self._peak or None
+
+    def _lm_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Token-mean LM loss, or the per-task weighted loss with `task_loss_weights`. Each task's loss is logged
+        on the steps whose metrics are read anyway (so logging adds no host sync)."""
+        from .data.tasks import TASKS
+        from .model.task_loss import per_task_loss
+
+        given = self.hparams.get("task_loss_weights") or {}
+        unknown = sorted(set(given) - set(TASKS))
+        if unknown:
+            raise ValueError(f"model.task_loss_weights: unknown task(s) {unknown}; tasks are {list(TASKS)}")
+        logging_now = self._reads_metrics_now()
+        if "task_ids" not in batch or not (given or logging_now):
+            return lm_loss(logits, batch["labels"])
+        weights = [float(given.get(t, 1.0)) for t in TASKS]
+        if given:
+            loss, means, counts = per_task_loss(logits, batch["labels"], batch["task_ids"], weights)
+        else:
+            loss = lm_loss(logits, batch["labels"])
+            with torch.no_grad():
+                _, means, counts = per_task_loss(logits.detach(), batch["labels"], batch["task_ids"], weights)
+        if logging_now:
+            for task, mean, count in zip(TASKS, means, counts.tolist()):
+                if count > 0:
+                    self.log(f"train/loss_{task}", mean, batch_size=int(count))
+        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -419,7 +457,55 @@ class M6LitModule(LightningModule):
                                    prefix_len=batch.get("prefix_len"), pixel_values=batch.get("pixel_values"),
                                    image_mask=batch.get("image_mask"), **settings)
 
+    def setup(self, stage: str) -> None:
+        """With an image tokenizer in the data module, check that it matches the model's image vocabulary."""
+        image_codes = getattr(getattr(self._trainer, "datamodule", None), "image_codes", None)
+        if image_codes is not None:
+            from .model.image_vocab import ImageVocab
+
+            vocab = ImageVocab.from_config(self.config)
+            vocab.check_tokenizer(image_codes.codebook_size, image_codes.grid_size)
+            if vocab.text_vocab_size != image_codes.text_vocab_size:
+                raise ValueError(f"model.config.vocab_size={self.config.vocab_size} leaves {vocab.text_vocab_size} "
+                                 f"text ids but data.tokenizer has {image_codes.text_vocab_size}")
+
+    def generate_images(self, texts: list[str], **overrides: Any) -> dict[str, Tensor]:
+        """Images for `texts` with the module's image sampling settings (the data module's tokenizers): returns
+        `images` [B, 3, S, S] in [-1, 1], `codes`, `scores` (see `m6lit.model.image_generation.generate_images`)."""
+        import copy
+
+        from .data.tasks import PROMPTS
+        from .model.image_generation import generate_images
+
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        image_codes = getattr(datamodule, "image_codes", None)
+        if image_codes is None:
+            raise ValueError("image generation needs data.image_tokenizer (the data module has no image tokenizer)")
+        tokenizer = datamodule.tokenizer
+        if getattr(self, "_image_decoder", None) is None:
+            self._image_decoder = copy.deepcopy(image_codes.tokenizer)
+        decoder = self._image_decoder.to(self.device)
+
+        def encode(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        hp = self.hparams
+        settings: dict[str, Any] = dict(guidance_scale=hp.image_guidance_scale, temperature=hp.image_temperature,
+                                        top_k=hp.image_top_k, top_p=hp.image_top_p, num_candidates=hp.image_candidates)
+        settings.update(overrides)
+        marker = encode(PROMPTS["generate"])
+        eos = int(tokenizer.eos_token_id)
+        return generate_images(self.model, lambda codes: decoder.decode(codes).float(),
+                               [marker + encode(t) for t in texts], marker,
+                               rerank_prompt=encode(PROMPTS["caption"]),
+                               rerank_captions=[encode(t) + [eos] for t in texts], **settings)
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if self.hparams.get("predict_task", "caption") == "generate":
+            tokenizer = self.trainer.datamodule.tokenizer
+            texts = tokenizer.batch_decode(batch["reference_ids"], skip_special_tokens=True)
+            result = self.generate_images(texts)
+            return {"prompts": texts, "images": result["images"], "scores": result["scores"]}
         tokens = self.generate(batch)
         result: dict[str, Any] = {"tokens": tokens}
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)

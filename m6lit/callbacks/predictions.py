@@ -41,6 +41,8 @@ class CaptionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
+        if "tokens" not in prediction:
+            return  # not captions (e.g. images from `predict_task: generate`, written by ImageWriter)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
             raise RuntimeError("CaptionWriter needs a data module with a `tokenizer` to decode captions")

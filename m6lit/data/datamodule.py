@@ -23,7 +23,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from .sources import SourceSpec, WebDatasetSource, build_source
-from .tasks import ExampleBuilder, MapStream, MixedDataset, TaskDataset, TaskMix, TaskStream, collate
+from ..model.image_tokenizer import load_image_tokenizer
+from .tasks import ExampleBuilder, ImageCodes, MapStream, MixedDataset, TaskDataset, TaskMix, TaskStream, collate
 from .tokenizer import load_tokenizer
 
 __all__ = ["DEFAULT_SOURCES", "EpochShuffleSampler", "ImageTextDataModule", "LookaheadStatefulDataLoader"]
@@ -180,6 +181,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         on_bad_sample: ``error`` stops at the first bad sample; ``skip`` logs, counts (``num_skipped``) and drops it.
         seed: training shuffle, task choice and span corruption seed (other stages derive theirs from it).
         shuffle_buffer: WebDataset training shuffle-buffer size (samples per worker).
+        image_tokenizer: folder of a trained image tokenizer (frozen): image codes join the vocabulary after the
+            text ids and begin/end-of-image, and the ``generate`` task becomes available.
+        caption_dropout: share of ``generate`` samples whose caption is dropped (classifier-free guidance).
     """
 
     def __init__(
@@ -200,6 +204,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         on_bad_sample: Literal["error", "skip"] = "error",
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        image_tokenizer: str | None = None,
+        caption_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -228,6 +234,16 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self._tokenizer = load_tokenizer(tokenizer)
+        self.caption_dropout = caption_dropout
+        self.image_codes: ImageCodes | None = None
+        if image_tokenizer is not None:
+            vq = load_image_tokenizer(image_tokenizer, key="data.image_tokenizer")
+            self.image_codes = ImageCodes(vq, len(self._tokenizer))
+            vq_size = self.image_codes.grid_size * 2 ** (len(vq.config.channel_multiplier) - 1)
+            if vq_size != image_size:
+                raise ValueError(f"data.image_tokenizer={image_tokenizer!r} encodes {vq_size}x{vq_size} images but "
+                                 f"data.image_size={image_size} (linked from model.config.image_size); set "
+                                 f"model.config.image_size: {vq_size}")
         # Building one example builder now reports a bad task mix, text budget or missing sentinels at once.
         self.builder("train")
         self._splits: dict[str, _Split] = {}
@@ -239,8 +255,21 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """``len(tokenizer)``: the model's embedding rows (special and sentinel tokens included)."""
+        """``len(tokenizer)``: the model's embedding rows (special and sentinel tokens included), plus
+        begin/end-of-image and the image codes with an image tokenizer."""
+        if self.image_codes is not None:
+            return self.image_codes.vocab_size
         return len(self._tokenizer)
+
+    @property
+    def image_codebook_size(self) -> int:
+        """Codes of the image tokenizer (0 without one)."""
+        return self.image_codes.codebook_size if self.image_codes is not None else 0
+
+    @property
+    def image_grid_size(self) -> int:
+        """Side of the image tokenizer's code grid (0 without one)."""
+        return self.image_codes.grid_size if self.image_codes is not None else 0
 
     @property
     def pad_token_id(self) -> int:
@@ -265,6 +294,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
             predict=stage == "predict",
             truncate_text=self.truncate_text,
+            image_codes=self.image_codes,
+            caption_dropout=self.caption_dropout,
         )
 
     def dataset(self, stage: Stage) -> Dataset:

@@ -8,6 +8,9 @@ sample's origin for streamed sources), so a sample always gets the same task and
   each sentinel followed by the span it replaced, then EOS. An image sample keeps its image (image + masked text
   → text, one of M6's objectives).
 - ``lm``: prefix = ``"text:"``, target = text + EOS. The image is dropped, so this is plain language modelling.
+- ``generate`` (image samples, with an image tokenizer): prefix = ``"image:"`` + caption (the caption dropped with
+  probability ``caption_dropout``, for classifier-free guidance), target = begin-of-image + the image's codes (as
+  vocabulary ids) + end-of-image. The pixels are not an input.
 
 Text-only samples never get ``caption``. Prefix plus target must fit ``max_text_len`` tokens; a longer sample is
 a bad sample (error, or skip with a warning). :func:`collate` pads examples into the batch contract of
@@ -33,6 +36,7 @@ from torch.utils.data import Dataset, IterableDataset
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
 from ..model.processing import image_to_tensor as _image_to_tensor
+from ..model.image_generation import CAPTION_PROMPT, GENERATE_PROMPT
 from .sources import BadSampleError, OnBadSample, handle_bad_sample, worker_info
 from .tokenizer import sentinel_ids
 
@@ -40,6 +44,7 @@ __all__ = [
     "PROMPTS",
     "TASKS",
     "ExampleBuilder",
+    "ImageCodes",
     "MapStream",
     "MixedDataset",
     "TaskDataset",
@@ -50,11 +55,12 @@ __all__ = [
     "span_corrupt",
 ]
 
-TASKS: tuple[str, ...] = ("caption", "denoise", "lm")
+TASKS: tuple[str, ...] = ("caption", "denoise", "lm", "generate")
 #: sample fields that say where a sample came from; prediction batches carry them per row (``sources``).
 SOURCE_FIELDS: tuple[str, ...] = ("origin", "key", "image_path")
 #: task prompt texts; each is the start of the prefix (≥ 1 token with any tokenizer).
-PROMPTS: dict[str, str] = {"caption": "caption:", "denoise": "denoise:", "lm": "text:"}
+PROMPTS: dict[str, str] = {"caption": CAPTION_PROMPT, "denoise": "denoise:", "lm": "text:",
+                           "generate": GENERATE_PROMPT}
 
 
 @dataclass
@@ -64,10 +70,11 @@ class TaskMix:
     caption: float = 0.5
     denoise: float = 0.25
     lm: float = 0.25
+    generate: float = 0.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` unless all weights are ≥ 0 and at least one is > 0."""
-        weights = [self.caption, self.denoise, self.lm]
+        weights = [self.caption, self.denoise, self.lm, self.generate]
         if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
             raise ValueError(f"task_mix weights must be finite, >= 0 and not all 0, got {self}")
 
@@ -122,6 +129,36 @@ def span_corrupt(
     return inputs, targets
 
 
+class ImageCodes:
+    """Pixels → the ``generate`` target: begin-of-image, the frozen image tokenizer's codes as vocabulary ids,
+    end-of-image. ``tokenizer`` is a transformers ``JanusVQVAE`` (see ``m6lit.model.image_tokenizer``)."""
+
+    def __init__(self, tokenizer: Any, text_vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.text_vocab_size = text_vocab_size
+        self.codebook_size = int(tokenizer.config.num_embeddings)
+        self.grid_size = int(tokenizer.config.num_patches)
+
+    @property
+    def boi(self) -> int:
+        return self.text_vocab_size
+
+    @property
+    def eoi(self) -> int:
+        return self.text_vocab_size + 1
+
+    @property
+    def vocab_size(self) -> int:
+        """Text ids + begin/end-of-image + codes."""
+        return self.text_vocab_size + 2 + self.codebook_size
+
+    def target(self, pixel_values: torch.Tensor) -> list[int]:
+        """``[BOI, codes + offset..., EOI]`` of one image ``[3, S, S]``."""
+        with torch.no_grad():
+            codes = self.tokenizer.encode(pixel_values.unsqueeze(0)).image_tokens.view(-1)
+        return [self.boi, *(codes + self.text_vocab_size + 2).tolist(), self.eoi]
+
+
 class ExampleBuilder:
     """Turns a sample ``{"image", "text", "origin"}`` into a tokenized example for :func:`collate`.
 
@@ -143,10 +180,18 @@ class ExampleBuilder:
         on_bad_sample: OnBadSample = "error",
         predict: bool = False,
         truncate_text: bool = False,
+        image_codes: ImageCodes | None = None,
+        caption_dropout: float = 0.1,
     ) -> None:
         self.truncate_text = truncate_text
         self.task_mix = task_mix if task_mix is not None else TaskMix()
         self.task_mix.validate()
+        if self.task_mix.generate > 0 and image_codes is None:
+            raise ValueError("task_mix.generate > 0 needs an image tokenizer (data.image_tokenizer: <folder>)")
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.image_codes = image_codes
+        self.caption_dropout = caption_dropout
         if not 0.0 < noise_density < 1.0:
             raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
         if mean_span_length < 1.0:
@@ -185,7 +230,7 @@ class ExampleBuilder:
     def choose_task(self, has_image: bool, key: int) -> str:
         """The task of the sample with ``key``: a pure function of ``(seed, key, has_image)``."""
         mix = self.task_mix
-        weights = [mix.caption if has_image else 0.0, mix.denoise, mix.lm]
+        weights = [mix.caption if has_image else 0.0, mix.denoise, mix.lm, mix.generate if has_image else 0.0]
         if sum(weights) <= 0:
             raise ValueError("a text-only sample needs the denoise or lm task, but task_mix gives both weight 0")
         return random.Random(f"m6lit-task:{self.seed}:{key}").choices(TASKS, weights=weights)[0]
@@ -241,6 +286,11 @@ class ExampleBuilder:
             rng = random.Random(f"m6lit-noise:{self.seed}:{key}")
             inputs, spans = span_corrupt(units, self.sentinels, rng, self.noise_density, self.mean_span_length)
             return self.prompts["denoise"] + inputs, spans + [self.eos], task, image
+        if task == "generate":
+            assert self.image_codes is not None  # the constructor checked it
+            drop = random.Random(f"m6lit-cfg:{self.seed}:{key}").random() < self.caption_dropout
+            prefix = self.prompts["generate"] + ([] if drop else text_ids)
+            return prefix, self.image_codes.target(image_to_tensor(image, self.image_size)), task, None
         return self.prompts[task], text_ids + [self.eos], task, (None if task == "lm" else image)
 
 
@@ -272,6 +322,7 @@ def collate(examples: Sequence[dict | None], pad_token_id: int, pad_to_multiple_
         "attention_mask": attention_mask,
         "labels": labels,
         "prefix_len": prefix_len,
+        "task_ids": torch.tensor([TASKS.index(e["task"]) for e in rows], dtype=torch.long),
     }
     images = [e["pixel_values"] for e in rows]
     first = next((im for im in images if im is not None), None)

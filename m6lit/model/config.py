@@ -29,6 +29,9 @@ class ExpertShape(NamedTuple):
 class M6Config:
     """Sizes, sharing, MoE and image settings of an M6 model.
 
+    Image generation: with `image_codebook_size` K > 0 the last K + 2 ids of `vocab_size` are begin-of-image,
+    end-of-image and the K image codes (see `m6lit.model.image_vocab`); a generated image is an
+    `image_grid_size` x `image_grid_size` grid of codes in raster order. K = 0: text only.
     Sharing: `num_layers` logical layers run on `num_unique_blocks` physical blocks (default: one per layer);
     `sharing_layout` "cycle" maps layer i to block i mod K, "stack" to block i div (L/K).
     MoE: `moe_layers` is "all", "none", an int n (every n-th layer: n-1, 2n-1, ...) or an explicit list of layers.
@@ -71,6 +74,8 @@ class M6Config:
     eos_token_id: int = 1
     expert_overrides: list[dict[str, int]] | None = None
     activation_checkpointing: Union[Literal["all"], list[int], None] = None
+    image_codebook_size: int = 0
+    image_grid_size: int = 0
 
     def __post_init__(self) -> None:
         if self.num_unique_blocks is None:
@@ -192,6 +197,7 @@ class M6Config:
         need(self.init_std > 0, "init_std", "must be > 0")
         need(0 <= self.pad_token_id < self.vocab_size, "pad_token_id", "must be a token id < vocab_size")
         need(0 <= self.eos_token_id < self.vocab_size, "eos_token_id", "must be a token id < vocab_size")
+        self._validate_image_vocab()
         self._validate_expert_overrides()
         self._validate_activation_checkpointing()
         kinds: dict[int, tuple[bool, int]] = {}
@@ -222,6 +228,24 @@ class M6Config:
             if layer in seen:
                 raise ValueError(f"{where}: layer {layer} is listed more than once")
             seen.add(layer)
+
+    def _validate_image_vocab(self) -> None:
+        k, g = self.image_codebook_size, self.image_grid_size
+        for key, value in (("image_codebook_size", k), ("image_grid_size", g)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"M6Config.{key}={value!r}: must be a non-negative integer (0 = no image codes)")
+        if (k == 0) != (g == 0):
+            raise ValueError(f"M6Config.image_codebook_size={k}, image_grid_size={g}: set both (image generation) "
+                             f"or neither")
+        if k and self.vocab_size <= k + 2:
+            raise ValueError(f"M6Config.vocab_size={self.vocab_size}: must exceed image_codebook_size + 2 = {k + 2} "
+                             f"(text ids, then begin/end-of-image, then the codes)")
+        if k and self.max_seq_len <= g * g + 2:
+            raise ValueError(f"M6Config.max_seq_len={self.max_seq_len}: must exceed the {g * g} image codes + "
+                             f"begin/end-of-image so a prompt fits")
+        if k and max(self.pad_token_id, self.eos_token_id) >= self.vocab_size - k - 2:
+            raise ValueError(f"M6Config.pad_token_id/eos_token_id must be text ids (< {self.vocab_size - k - 2}, "
+                             f"below the image ids)")
 
     def _validate_expert_overrides(self) -> None:
         overrides = self.expert_overrides

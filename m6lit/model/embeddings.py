@@ -50,9 +50,15 @@ class M6Embeddings(nn.Module):
     """Token + text-position embeddings, patch embeddings, and a 2-way modality embedding."""
 
     def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, image_size: int, patch_size: int,
-                 in_channels: int, backbone: Optional[nn.Module] = None) -> None:
+                 in_channels: int, backbone: Optional[nn.Module] = None, image_grid_size: int = 0,
+                 image_code_offset: int = 0) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
+        # image codes (ids >= image_code_offset) also get a 2-D row/column position in their code grid
+        self.image_grid_size = image_grid_size
+        self.image_code_offset = image_code_offset
+        self.code_row = nn.Embedding(image_grid_size, d_model) if image_grid_size else None
+        self.code_col = nn.Embedding(image_grid_size, d_model) if image_grid_size else None
         self.text_pos = nn.Embedding(max_seq_len, d_model)
         self.modality = nn.Embedding(2, d_model)
         self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone)
@@ -62,11 +68,22 @@ class M6Embeddings(nn.Module):
     #: always checked; training batches are checked on the host before they move (M6LitModule)
     check_ids: bool = False
 
-    def text(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """[B, T] token ids at text positions `position_ids` → [B, T, D]."""
+    def text(self, input_ids: Tensor, position_ids: Tensor, code_index: Optional[Tensor] = None) -> Tensor:
+        """[B, T] token ids at text positions `position_ids` → [B, T, D]. Image codes add the row and column of
+        their index in the code grid: `code_index` [B, T] when given (generation), else the running count of codes
+        in the row (one image per sequence)."""
         if (self.check_ids or input_ids.device.type == "cpu") and input_ids.numel():
             check_token_ids(input_ids, self.tokens.num_embeddings)
-        return self.tokens(input_ids) + self.text_pos(position_ids) + self.modality.weight[TEXT]
+        out = self.tokens(input_ids) + self.text_pos(position_ids) + self.modality.weight[TEXT]
+        if self.code_row is None or self.code_col is None:
+            return out
+        is_code = input_ids >= self.image_code_offset
+        if code_index is None:
+            code_index = is_code.long().cumsum(1) - 1
+        grid = self.image_grid_size
+        index = code_index.clamp(0, grid * grid - 1)
+        codes = self.code_row(index // grid) + self.code_col(index % grid)
+        return out + codes * is_code.unsqueeze(-1).to(out.dtype)
 
     def image(self, pixel_values: Tensor) -> Tensor:
         """[B, C, H, W] → [B, P, D] patch embeddings."""

@@ -273,6 +273,40 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                      f"exceeds max_seq_len={self.config.max_seq_len}")
         return super().generate(inputs, generation_config, **kwargs)
 
+    @torch.no_grad()
+    def generate_images(self, prompts: list[str], tokenizer: Any, image_tokenizer: Any = None,
+                        guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        num_candidates: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """Images [B, 3, S, S] in [-1, 1] for text `prompts` (transformers alone: no m6lit import needed).
+
+        `tokenizer`: the export's tokenizer (`AutoTokenizer.from_pretrained(folder)`); `image_tokenizer`: a
+        `transformers.JanusVQVAE` (default: the export's `image_tokenizer/` folder). Sampling: classifier-free
+        guidance scale, temperature (0 = greedy), top-k, top-p; `num_candidates` samples per prompt, the best kept by
+        the model's own caption likelihood. Convert with `((images + 1) * 127.5).round().clamp(0, 255).byte()`.
+        """
+        import os
+
+        from .image_generation import CAPTION_PROMPT, GENERATE_PROMPT, IMAGE_TOKENIZER_FOLDER, generate_images
+
+        if image_tokenizer is None:
+            from transformers import JanusVQVAE
+
+            image_tokenizer = JanusVQVAE.from_pretrained(os.path.join(self.name_or_path, IMAGE_TOKENIZER_FOLDER))
+        image_tokenizer = image_tokenizer.to(self.device).eval()
+
+        def encode(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        marker = encode(GENERATE_PROMPT)
+        self.model.eval()
+        result = generate_images(self.model, lambda codes: image_tokenizer.decode(codes).float(),
+                                 [marker + encode(p) for p in prompts], marker, num_candidates=num_candidates,
+                                 rerank_prompt=encode(CAPTION_PROMPT),
+                                 rerank_captions=[encode(p) + [int(tokenizer.eos_token_id)] for p in prompts],
+                                 guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
+        return result["images"]
+
 
 def drop_final_eos(input_ids: Tensor, attention_mask: Tensor | None, eos_token_id: int | None,
                    pad_token_id: int) -> tuple[Tensor, Tensor | None]:

@@ -20,6 +20,7 @@ from .attention import KVCache, build_attention_mask
 from .block import TransformerBlock, checkpointed_call
 from .config import M6Config
 from .embeddings import M6Embeddings
+from .image_vocab import ImageVocab, mask_image_ids
 from .moe import MoEAux, MoELayer, init_moe_
 
 IGNORE_INDEX = -100
@@ -91,7 +92,8 @@ class M6Model(nn.Module):
         config.validate()
         self.config = config
         self.embed = M6Embeddings(config.vocab_size, config.d_model, config.max_seq_len, config.image_size,
-                                  config.patch_size, config.in_channels, image_backbone)
+                                  config.patch_size, config.in_channels, image_backbone, config.image_grid_size,
+                                  config.vocab_size - config.image_codebook_size)
         kinds = config.block_is_moe()
         self.blocks = nn.ModuleList(self.build_block(moe, block) for block, moe in enumerate(kinds))
         self.layer_to_block: list[int] = config.layer_to_block()
@@ -293,7 +295,10 @@ class M6Model(nn.Module):
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         generated: list[Tensor] = []
         new_embeds: list[Tensor] = []
+        image_vocab = ImageVocab.from_config(self.config) if self.config.image_codebook_size else None
         for step in range(max_new_tokens):
+            if image_vocab is not None:  # text generation never emits an image id
+                logits = mask_image_ids(logits, image_vocab)
             token = self._choose(logits, do_sample, temperature, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             generated.append(token)
