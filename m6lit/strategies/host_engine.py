@@ -249,6 +249,7 @@ class UnitWork:
                        for v, has in zip(g.views(g.acc), g.acc_has)]
             if g.low_precision:
                 g.staging.copy_(g.master)
+            g.staging_valid = True
 
     def _has(self, g: Any) -> list[bool]:
         return list(g.acc_has) if g.acc is not None else list(g.got_grad)
