@@ -3,9 +3,9 @@
 Cases on one ~2.6B-parameter dense model (d_model 2560, 32 blocks, SwiGLU d_ff 6912, vocab 32000, 4x2048 tokens),
 each with gradient clipping off and at 1.0:
   a  all resident (Lightning's single-device strategy)
-  b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31]): optimizer_overlap exact and
-     backward
-  c  every block streamed (model.blocks.[0-31]): exact and backward
+  b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31]): optimizer_overlap exact,
+     backward and delayed (delay_warmup_steps 1)
+  c  every block streamed (model.blocks.[0-31]): exact, backward and delayed
   d  PyTorch FSDP2 fully_shard per block + root with CPUOffloadPolicy(pin_memory=True), world size 1
   e  the >=12B recipe: the model of configs/offload-12b.yaml (if present; else d_model 5120, 38 blocks, ~12.2B),
      placed by gpu_memory_budget, block activation checkpointing when M6Config has it, one large micro-batch
@@ -346,7 +346,7 @@ def runs(layers: int, quick: bool) -> list[tuple[str, str | None, float | None]]
     for clip in (None, 1.0):
         out.append(("a", None, clip))
         for case in "bc":
-            for mode in ("exact", "backward"):
+            for mode in ("exact", "backward", "delayed"):
                 out.append((case, mode, clip))
         out.append(("d", None, clip))
     out.append(("e", "exact", 1.0))
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = lightning_case(case, config, args.batch, None, args.steps, args.warmup, clip)
             elif case in plans:
                 row = lightning_case(case, config, args.batch, {"offload": plans[case], "prefetch": args.prefetch,
-                                                                "optimizer_overlap": mode},
+                                                                "optimizer_overlap": mode, "delay_warmup_steps": 1},
                                      args.steps, args.warmup, clip)
             elif case == "d":
                 if DEVICE != "cuda":

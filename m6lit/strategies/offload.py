@@ -122,10 +122,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         pin_memory: page-lock host buffers (CUDA only; needed for copies that overlap compute).
         offload_optimizer: run Adam/AdamW with fused kernels on both devices, the host part on the engine thread
             (false: host gradients become `.grad` and the optimizer steps them on the main thread, any optimizer).
-        optimizer_overlap: `exact` (default: offloaded units step after backward, bitwise as resident training) or
+        optimizer_overlap: `exact` (default: offloaded units step after backward, bitwise as resident training),
             `backward` (each unit steps as its gradients land; with clipping a unit is redone from a backup copy of
             its state when the coefficient is below 1, counted in `offload/redo_units`; needs
-            accumulate_grad_batches=1).
+            accumulate_grad_batches=1) or `delayed` (approximate, opt-in: after `delay_warmup_steps` exact steps the
+            offloaded units' update of step t runs while step t+1 computes, so step t+1's gradients of offloaded
+            parameters come from weights one update old; resident parameters stay exact; logged as
+            `offload/delayed`).
+        delay_warmup_steps: exact steps (in each fit) before `delayed` starts delaying.
         engine_threads: host threads for the engine's kernels (default: all cores but two).
         engine: `thread` (default) or `inline` (every engine task runs on the main thread; same bits, for debugging).
         micro_batch_tokens: tokens per micro-batch for the budget plan's activation estimate (default: the data
@@ -138,7 +142,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def __init__(self, offload: list[str] | None = None, gpu_memory_budget: int | str | None = None,
                  host_memory_budget: int | str | None = None, prefetch: int = 1, pin_memory: bool = True,
                  offload_optimizer: bool = True, micro_batch_tokens: int | None = None,
-                 optimizer_overlap: str = "exact", engine_threads: int | None = None, engine: str = "thread",
+                 optimizer_overlap: str = "exact", delay_warmup_steps: int = 10, engine_threads: int | None = None,
+                 engine: str = "thread",
                  device: str | torch.device | None = None, accelerator: Any = None, checkpoint_io: Any = None,
                  precision_plugin: Any = None) -> None:
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
@@ -153,9 +158,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if optimizer_overlap not in OVERLAP_MODES:
             raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={optimizer_overlap!r}: choose one of "
                              f"{OVERLAP_MODES}")
-        if optimizer_overlap == "delayed":
-            raise ValueError("SelectiveOffloadStrategy.optimizer_overlap='delayed' is not available yet; use 'exact' "
-                             "or 'backward'")
+        if delay_warmup_steps < 0:
+            raise ValueError(f"SelectiveOffloadStrategy.delay_warmup_steps={delay_warmup_steps}: must be >= 0")
         if engine not in ("thread", "inline"):
             raise ValueError(f"SelectiveOffloadStrategy.engine={engine!r}: choose 'thread' or 'inline'")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
@@ -175,6 +179,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._backward_end = 0.0
         self._optimizer_time = 0.0
         self.optimizer_overlap = optimizer_overlap
+        self.delay_warmup_steps = delay_warmup_steps
+        self._releases = 0
+        self.delayed_steps = 0
         self.engine_threads = engine_threads
         self.engine_kind = engine
         self.engine_max_delay_s = 0.0  # tests: random delays before each engine task must not change any bit
@@ -259,8 +266,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                             precision="bf16-mixed" if lp is not None else "32-true",
                             micro_batch_tokens=self._tokens(module), prefetch=self.prefetch,
                             accumulate_grad_batches=accumulate, host_memory_budget=self.host_memory_budget,
-                            host_layout=("engine-backward" if self.optimizer_overlap == "backward" else "engine")
-                            if self.offload_optimizer else "legacy")
+                            host_layout=(f"engine-{self.optimizer_overlap}" if self.optimizer_overlap != "exact"
+                                         else "engine") if self.offload_optimizer else "legacy")
 
     def _place(self, module: LightningModule) -> None:
         device = self.root_device
@@ -279,13 +286,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.streamer is None:
             trainer = getattr(module, "_trainer", None)
             self._accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-            if self.optimizer_overlap == "backward" and self._accumulate > 1:
-                raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap='backward' steps each unit during the "
-                                 f"backward and needs accumulate_grad_batches=1 (got {self._accumulate}); use "
-                                 f"'exact'")
+            if self.optimizer_overlap != "exact" and self._accumulate > 1:
+                raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={self.optimizer_overlap!r} needs "
+                                 f"accumulate_grad_batches=1 (got {self._accumulate}); use 'exact'")
             self.streamer = ParamStreamer([], device, prefetch=self.prefetch, pin_memory=self.pin_memory,
                                           low_precision=lp, keep=keep, shared=shared, lean=self.offload_optimizer,
-                                          accumulate=self._accumulate > 1)
+                                          accumulate=self._accumulate > 1,
+                                          delayed=self.optimizer_overlap == "delayed")
             self.streamer.on_unit_grads = self._on_unit_grads
         streamer = self.streamer
         streamer.keep, streamer.shared = keep, shared
@@ -470,7 +477,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         """The engine's one fp32 buffer for upcast bf16 gradients (sized to the largest group; tasks run in order)."""
         if self._scratch is None or self._scratch.numel() < numel:
             streamer = self.streamer
-            biggest = max((g.numel for u in streamer.units for g in u.groups), default=numel) if streamer else numel
+            biggest = max((g.numel for u in streamer.units for g in u.groups if g.low_precision),
+                          default=numel) if streamer else numel
             self._scratch = torch.empty(max(biggest, numel), dtype=torch.float32)
         return self._scratch[:numel]
 
@@ -489,6 +497,28 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
                 return optimizer
         return None
+
+    def _release_delayed(self, plan: StepPlan, coef: Tensor | None, ready: Any) -> None:
+        """Delayed update: per unit, stash the gradients and re-make the stream copy (the next forward waits for
+        this only), then, behind all of those, step the masters while the next step computes."""
+        engine, streamer = self.engine, self.streamer
+        assert engine is not None and streamer is not None
+        units = [u for u in streamer.forward_order() if any(id(p) in plan.hyper for p in u.parameters())]
+        for unit in units:
+            work, event = self._work(unit), unit.d2h_done
+
+            def stash(work: UnitWork = work, event: Any = event, unit: StreamUnit = unit) -> None:
+                wait_event(event)
+                _init_states(plan, unit)
+                work.stash()
+            unit.ticket = engine.submit(stash)
+            unit.d2h_done = None
+        for unit in units:
+            def apply(work: UnitWork = self._work(unit)) -> None:
+                wait_event(ready)
+                work.apply(plan, coef)
+            engine.submit(apply)
+        self.delayed_steps += 1
 
     def _on_unit_grads(self, unit: StreamUnit) -> None:
         """A unit's gradients of this backward are all issued: land them (accumulation) or, in `backward` overlap
@@ -537,6 +567,10 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             self._last_coef = (coef, ready)
         speculative = self._spec_plans.pop(id(optimizer), None)
         plan = speculative or self._step_plan(optimizer)
+        self._releases += 1
+        if self.optimizer_overlap == "delayed" and self._releases > self.delay_warmup_steps:
+            self._release_delayed(plan, coef, ready)
+            return
         for unit in streamer.forward_order():
             if not any(id(p) in plan.hyper for p in unit.parameters()):
                 continue
@@ -589,6 +623,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             row.update(self.engine.collect())
             row["redo_units"] = float(self.redo_units)
             row["speculated_units"] = float(self.speculated_units)
+            row["delayed"] = float(self.delayed_steps)
         row["clip_coef"] = float("nan")
         if self._last_coef is not None:
             coef, ready = self._last_coef

@@ -106,6 +106,8 @@ class _Group:
     got_grad: list[bool] = field(default_factory=list)
     target: Tensor | None = None
     grad32: Tensor | None = None  # lean layout: pinned landing buffer of fp32-streamed gradients
+    pending: Tensor | None = None  # delayed update: the fp32 gradient the engine applies while the next step runs
+    pending_has: list[bool] = field(default_factory=list)
     acc_has: list[bool] = field(default_factory=list)
     norms: list[Tensor | None] = field(default_factory=list)
 
@@ -136,7 +138,7 @@ class _Group:
 
     def host_buffers(self) -> list[Tensor]:
         out = [self.master] + ([self.staging] if self.staging is not self.master else [])
-        return out + [t for t in (self.acc, self.stage32, self.grad32) if t is not None]
+        return out + [t for t in (self.acc, self.stage32, self.grad32, self.pending) if t is not None]
 
     def host_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.host_buffers())
@@ -206,12 +208,15 @@ class ParamStreamer:
             as `.grad` but left where they land for the engine, each parameter's gradient norm is taken on the
             device before its copy, and there is no fp32 accumulator unless `accumulate`.
         accumulate: (lean) gradients of several micro-batches add up in host fp32 accumulators.
+        delayed: (lean) the layout of the one-step delayed update: every group streams from its own copy (fp32
+            groups get an fp32 stream copy apart from the master, which the engine updates while the copy is in
+            use) and keeps an fp32 stash of the gradient that the next step applies.
     """
 
     def __init__(self, units: Sequence[tuple[str, nn.Module]], device: torch.device, *, prefetch: int = 1,
                  pin_memory: bool = True, low_precision: torch.dtype | None = None,
                  keep: set[int] | None = None, shared: Iterable[str] = (), lean: bool = False,
-                 accumulate: bool = False) -> None:
+                 accumulate: bool = False, delayed: bool = False) -> None:
         if prefetch < 0:
             raise ValueError(f"ParamStreamer prefetch={prefetch}: must be >= 0")
         self.device = torch.device(device)
@@ -225,6 +230,7 @@ class ParamStreamer:
         self.shared = set(shared)
         self.lean = lean
         self.accumulate = accumulate
+        self.delayed = delayed and lean
         self.on_unit_grads: Callable[[StreamUnit], None] | None = None
         self.units: list[StreamUnit] = []
         self.stats = StreamStats()
@@ -292,9 +298,10 @@ class ParamStreamer:
         master_dtype = params[0].dtype
         if any(p.dtype != master_dtype for p in params):
             raise ValueError(f"ParamStreamer: unit {unit.name} mixes parameter dtypes in one stream group")
-        copied = dtype == master_dtype or not self.lean  # the lean layout pins only what crosses PCIe
+        own_copy = dtype != master_dtype or self.delayed
+        copied = not own_copy or not self.lean  # the lean layout pins only what crosses PCIe
         master = self._host_empty(unit, total, master_dtype, pin=copied).zero_()
-        staging = master if dtype == master_dtype else self._host_empty(unit, total, dtype).zero_()
+        staging = self._host_empty(unit, total, dtype).zero_() if own_copy else master
         device_flat = torch.empty(total, dtype=dtype, device=self.device)
         group = _Group(dtype=dtype, params=params, names=[n for n, _ in items], offsets=offsets, numel=total,
                        master=master, staging=staging, device_flat=device_flat)
@@ -317,6 +324,9 @@ class ParamStreamer:
                 group.grad32 = self._host_empty(unit, total, master_dtype).zero_()
             if self.accumulate:
                 group.acc = self._host_empty(unit, total, master_dtype, pin=False).zero_()
+            if self.delayed:
+                group.pending = self._host_empty(unit, total, master_dtype, pin=False).zero_()
+                group.pending_has = [False] * len(params)
         return group
 
     def _host_empty(self, unit: StreamUnit, numel: int, dtype: torch.dtype, pin: bool = True) -> Tensor:
