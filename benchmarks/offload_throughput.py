@@ -150,9 +150,13 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
 
     _cleanup()
     torch.manual_seed(0)
+    def adamw(p):
+        opt = torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.95), fused=True)
+        opt._step_supports_amp_scaling = False  # bf16 has no scaler: Lightning may clip a fused AdamW's gradients
+        return opt
+
     with torch.device(DEVICE):
-        module = M6LitModule(config, warmup_steps=1,
-                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.95), fused=True))
+        module = M6LitModule(config, warmup_steps=1, optimizer=adamw)
     params = sum(p.numel() for p in module.parameters())
     times: list[float] = []
     peak: list[int] = []
@@ -174,6 +178,7 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
                 norm = trainer.callback_metrics.get("train/grad_norm")
                 if norm is not None:
                     norms.append(float(norm))
+            extra["host_rss_bytes"] = host_rss()[0]  # while this case's host buffers are alive
             streamer = getattr(trainer.strategy, "streamer", None)
             if streamer is not None:
                 extra["pinned_bytes"] = streamer.pinned_bytes()
@@ -191,11 +196,10 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
     wall = time.perf_counter() - t_setup
     tokens = batch * config.max_seq_len
     step_s = statistics.median(times)
-    rss, rss_peak = host_rss()
     row = {"case": name, "params": params, "tokens_per_step": tokens, "step_s": step_s, "steps_timed": len(times),
            "step_times": times, "tokens_per_s": tokens / step_s, "peak_gpu_bytes": max(peak),
            "mfu": 6 * params * tokens / step_s / PEAK_BF16, "mfu_measured_peak": 6 * params * tokens / step_s /
-           MEASURED_BF16, "wall_s": wall, "clip": clip, "host_rss_bytes": rss, "host_rss_peak_bytes": rss_peak,
+           MEASURED_BF16, "wall_s": wall, "clip": clip, "host_rss_peak_bytes": host_rss()[1],
            "clip_trigger_rate": (sum(n > clip for n in norms) / len(norms)) if clip and norms else 0.0, **extra}
     if isinstance(strategy, SelectiveOffloadStrategy):
         stats = strategy.step_stats[-len(times):]
@@ -303,12 +307,12 @@ def table(results: dict) -> str:
             f"{r['tokens_per_s']:>8.0f} {ratio:>5} {r['mfu']:>6.1%} {r['mfu_measured_peak']:>6.1%} "
             f"{r.get('engine_wait_s', 0.0):>7.3f} {r.get('stall_s', 0.0):>6.3f} {r.get('engine_busy_s', 0.0):>6.3f} "
             f"{r.get('pcie_bytes', 0.0) / 1e9:>7.2f} {r.get('clip_trigger_rate', 0.0):>5.0%} "
-            f"{r['peak_gpu_bytes'] / 1e9:>6.1f} {r.get('host_rss_peak_bytes', 0) / 1e9:>6.1f} "
+            f"{r['peak_gpu_bytes'] / 1e9:>6.1f} {r.get('host_rss_bytes', 0) / 1e9:>6.1f} "
             f"{r.get('pinned_bytes', 0) / 1e9:>6.2f}")
         if r["case"] == "e" and r.get("estimated_gpu_bytes"):
             lines.append(f"    plan: GPU {r['estimated_gpu_bytes'] / 1e9:.1f} GB (measured peak "
                          f"{r['peak_gpu_bytes'] / 1e9:.1f}), host {r['estimated_host_bytes'] / 1e9:.1f} GB (measured "
-                         f"RSS peak {r['host_rss_peak_bytes'] / 1e9:.1f}), pinned {r['estimated_pinned_bytes'] / 1e9:.2f}"
+                         f"RSS {r['host_rss_bytes'] / 1e9:.1f}), pinned {r['estimated_pinned_bytes'] / 1e9:.2f}"
                          f" GB (measured {r.get('pinned_bytes', 0) / 1e9:.2f}); shape from {r.get('shape_from')}")
     return "\n".join(lines)
 
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--e_budget", default="130GB")
     parser.add_argument("--only", default="abcde", help="cases to run (default all)")
+    parser.add_argument("--time_budget", type=float, default=540.0,
+                        help="seconds; a case that would start later than this minus 45 s is skipped and recorded")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU in seconds (checks the script)")
     args = parser.parse_args(argv)
@@ -377,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     todo = [r for r in runs(layers, args.quick) if r[0] in args.only]
     for n, (case, mode, clip) in enumerate(todo):
         name = key(case, mode, clip)
+        if time.perf_counter() - started > args.time_budget - 45 and not args.quick:
+            results[name] = {"case": case, "skipped": f"time budget {args.time_budget:.0f} s spent", "mode": mode}
+            continue
         print(f"--- [{n + 1}/{len(todo)}] {name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         try:
             if case == "a":
