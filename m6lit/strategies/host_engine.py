@@ -317,15 +317,16 @@ class UnitWork:
             g.pending_has = [False] * len(g.params)
 
     # ------------------------------------------------------------------ backward overlap
-    def speculate(self, plan: StepPlan) -> None:
-        """Step the unit as if the clip coefficient were 1, after backing up its masters and Adam state."""
+    def speculate(self, plan: StepPlan, backup: bool = True) -> None:
+        """Step the unit as if the clip coefficient were 1, after backing up its masters and Adam state (`backup`:
+        only when clipping may ask for a redo)."""
         self.backup = []
         for g in self.unit.groups:
             has = self._has(g)
             if not any(has):
                 continue
             for p, master, grad_has in zip(g.params, g.master_views, has):
-                if not grad_has or id(p) not in plan.hyper:
+                if not (backup and grad_has and id(p) in plan.hyper):
                     continue
                 state = plan.optimizer.state[p]
                 for t in (master, *state.values()):
@@ -336,6 +337,8 @@ class UnitWork:
         """Keep the speculative step when the coefficient is 1 (or there is none); otherwise restore the backup and
         redo the step with the coefficient. Returns whether it redid."""
         redo = coef is not None and bool(coef.item() < 1.0)
+        if redo and not self.backup:
+            raise RuntimeError(f"unit {self.unit.name}: clipping scaled the gradients but no backup was kept")
         if redo:
             for t, saved in self.backup:
                 t.copy_(saved)

@@ -543,11 +543,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                 plan = self._spec_plans[id(optimizer)] = self._step_plan(optimizer)
             work = self._work(unit)
             self.speculated_units += 1
+            trainer = getattr(self.lightning_module, "_trainer", None)
+            backup = bool(getattr(trainer, "gradient_clip_val", None))
 
             def speculate() -> None:
                 wait_event(event)
                 _init_states(plan, unit)
-                work.speculate(plan)
+                work.speculate(plan, backup)
             unit.ticket = engine.submit(speculate)
 
     def _release(self, optimizer: Any) -> None:
