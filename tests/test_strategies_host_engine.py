@@ -110,6 +110,20 @@ def test_delayed_mode_equals_a_reference_that_applies_the_previous_steps_gradien
     assert not _same(_state(module), _state(exact)), "the delayed update is not the exact one"
 
 
+@pytest.mark.parametrize("window,units", [(500_000, 1), ("10MB", 2)])
+def test_gpu_step_window_is_bitwise_identical_to_resident(window, units: int) -> None:
+    reference = _module()
+    ref_trainer, ref = fit(reference, 4, gradient_clip_val=CLIP)
+    strategy = SelectiveOffloadStrategy(offload=HALF, gpu_step_window=window)
+    module = _module()
+    trainer, rec = fit(module, 4, strategy=strategy, gradient_clip_val=CLIP)
+    assert strategy.window_units == units and strategy.step_stats[-1]["window_units"] == units
+    assert strategy.step_stats[-1]["engine_tasks"] == 2 - units, "the other units still step on the engine"
+    assert rec.rows == ref.rows
+    assert _same(_state(module), _state(reference))
+    assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
+
+
 def test_backward_mode_without_clipping_keeps_its_speculative_steps() -> None:
     reference = _module()
     fit(reference, 3)
@@ -182,6 +196,11 @@ def test_bad_modes_and_optimizers_are_refused() -> None:
         with pytest.raises(ValueError, match=f"optimizer_overlap='{mode}' needs accumulate_grad_batches=1"):
             fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, optimizer_overlap=mode),
                 accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="gpu_step_window=.* works with optimizer_overlap='exact' only"):
+        SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="backward", gpu_step_window="1GB")
+    with pytest.raises(ValueError, match="gpu_step_window needs accumulate_grad_batches=1"):
+        fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, gpu_step_window="1GB"),
+            accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="delay_warmup_steps=-1"):
         SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="delayed", delay_warmup_steps=-1)
     with pytest.raises(ValueError, match="optimizer is SGD; use Adam/AdamW or set offload_optimizer: false"):

@@ -130,6 +130,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             parameters come from weights one update old; resident parameters stay exact; logged as
             `offload/delayed`).
         delay_warmup_steps: exact steps (in each fit) before `delayed` starts delaying.
+        gpu_step_window: device memory (bytes, `8GB`, or `auto`: what the plan leaves of `gpu_memory_budget`) for
+            stepping on the GPU, in `exact` mode, the offloaded units whose gradients arrive last in backward (the
+            first in forward order): their gradients stay on the device, their master and Adam state are copied in
+            from pinned host memory during backward (16 bytes per parameter of window), stepped by the fused CUDA
+            kernel, and copied back. 0 (default): every offloaded unit steps on the host engine.
         engine_threads: host threads for the engine's kernels (default: all cores but two).
         engine: `thread` (default) or `inline` (every engine task runs on the main thread; same bits, for debugging).
         micro_batch_tokens: tokens per micro-batch for the budget plan's activation estimate (default: the data
@@ -142,8 +147,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def __init__(self, offload: list[str] | None = None, gpu_memory_budget: int | str | None = None,
                  host_memory_budget: int | str | None = None, prefetch: int = 1, pin_memory: bool = True,
                  offload_optimizer: bool = True, micro_batch_tokens: int | None = None,
-                 optimizer_overlap: str = "exact", delay_warmup_steps: int = 10, engine_threads: int | None = None,
-                 engine: str = "thread",
+                 optimizer_overlap: str = "exact", delay_warmup_steps: int = 10,
+                 gpu_step_window: int | str = 0, engine_threads: int | None = None, engine: str = "thread",
                  device: str | torch.device | None = None, accelerator: Any = None, checkpoint_io: Any = None,
                  precision_plugin: Any = None) -> None:
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
@@ -158,6 +163,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if optimizer_overlap not in OVERLAP_MODES:
             raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={optimizer_overlap!r}: choose one of "
                              f"{OVERLAP_MODES}")
+        if gpu_step_window not in (0, "0", "auto"):
+            gpu_step_window = parse_bytes(gpu_step_window)
+        if gpu_step_window and optimizer_overlap != "exact":
+            raise ValueError(f"SelectiveOffloadStrategy.gpu_step_window={gpu_step_window!r} works with "
+                             f"optimizer_overlap='exact' only (got {optimizer_overlap!r})")
         if delay_warmup_steps < 0:
             raise ValueError(f"SelectiveOffloadStrategy.delay_warmup_steps={delay_warmup_steps}: must be >= 0")
         if engine not in ("thread", "inline"):
@@ -180,6 +190,10 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._optimizer_time = 0.0
         self.optimizer_overlap = optimizer_overlap
         self.delay_warmup_steps = delay_warmup_steps
+        self.gpu_step_window: int | str = 0 if gpu_step_window in ("0",) else gpu_step_window
+        self._window: list[StreamUnit] | None = None
+        self._window_state: dict[int, Any] = {}
+        self.window_units = 0
         self._releases = 0
         self.delayed_steps = 0
         self.engine_threads = engine_threads
@@ -286,6 +300,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.streamer is None:
             trainer = getattr(module, "_trainer", None)
             self._accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            if self.gpu_step_window and self._accumulate > 1:
+                raise ValueError(f"SelectiveOffloadStrategy.gpu_step_window needs accumulate_grad_batches=1 (got "
+                                 f"{self._accumulate}); gradients of the window would have to accumulate on the GPU")
             if self.optimizer_overlap != "exact" and self._accumulate > 1:
                 raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={self.optimizer_overlap!r} needs "
                                  f"accumulate_grad_batches=1 (got {self._accumulate}); use 'exact'")
@@ -345,7 +362,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert module is not None
         self.drain()
         self._works.clear()
+        self._window = None
         if self.streamer is not None:
+            self.streamer.device_grad_units = set()
             self.streamer.release_all()
         self._place(module)
         for optimizer in self.optimizers:
@@ -374,6 +393,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.streamer is not None:
             for unit in self.streamer.units:
                 unit.ticket = None
+                if unit.gpu_done is not None:
+                    unit.gpu_done.synchronize()
 
     # ------------------------------------------------------------------ gradient norm and clipping
     def _streamed_slot(self, p: Tensor) -> Any:
@@ -570,11 +591,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         speculative = self._spec_plans.pop(id(optimizer), None)
         plan = speculative or self._step_plan(optimizer)
         self._releases += 1
+        window = {id(u) for u in self._window or []}
+        for unit in self._window or []:
+            self._window_step(unit, plan)
         if self.optimizer_overlap == "delayed" and self._releases > self.delay_warmup_steps:
             self._release_delayed(plan, coef, ready)
             return
         for unit in streamer.forward_order():
-            if not any(id(p) in plan.hyper for p in unit.parameters()):
+            if id(unit) in window or not any(id(p) in plan.hyper for p in unit.parameters()):
                 continue
             work, event = self._work(unit), unit.d2h_done
             if speculative is not None:
@@ -591,6 +615,146 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     work.step(plan, coef)
                 unit.ticket = engine.submit(step)
             unit.d2h_done = None
+        if self.gpu_step_window and self._window is None:
+            self._choose_window()
+
+    # ------------------------------------------------------------------ GPU step window
+    def _window_bytes(self) -> int:
+        if self.gpu_step_window != "auto":
+            return int(self.gpu_step_window)
+        plan = self.plan
+        if plan is None or plan.gpu_memory_budget is None:
+            return 0
+        return max(0, int(plan.gpu_memory_budget - plan.estimate.gpu_total))
+
+    def _choose_window(self) -> None:
+        """The units first in forward order (their gradients arrive last) whose device step fits the window: from
+        the next backward on, their gradients stay on the device."""
+        streamer = self.streamer
+        assert streamer is not None
+        left, chosen = self._window_bytes(), []
+        for unit in streamer.forward_order():
+            need = 16 * unit.numel
+            if need > left:
+                break
+            chosen.append(unit)
+            left -= need
+        self._window = chosen
+        self.window_units = len(chosen)
+        streamer.device_grad_units = {u.index for u in chosen}
+        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {format_bytes(self._window_bytes())} holds "
+                       f"{len(chosen)} of {len(streamer.units)} offloaded units ({[u.name for u in chosen][:4]}...)")
+
+    def _pin(self, unit: StreamUnit, tensor: Tensor) -> None:
+        from m6lit.strategies.streaming import register_host_memory
+
+        if self.streamer is not None and self.streamer.cuda and not tensor.is_pinned():
+            if register_host_memory(tensor):
+                unit.registered.append(tensor)
+
+    def _window_prefetch(self) -> None:
+        """Start of backward: copy the window units' masters and Adam state to the device on the copy stream."""
+        streamer = self.streamer
+        if not self._window or streamer is None:
+            return
+        device = streamer.device
+        for unit in self._window:
+            streamer.await_unit(unit)
+            if streamer.cuda and unit.gpu_done is not None:
+                streamer.h2d_stream.wait_event(unit.gpu_done)
+            state_of = {}
+            for g in unit.groups:
+                self._pin(unit, g.master)
+                for p in g.params:
+                    for optimizer in self.optimizers:
+                        if p in optimizer.state and len(optimizer.state[p]):
+                            state_of[id(p)] = optimizer.state[p]
+                            for t in optimizer.state[p].values():
+                                self._pin(unit, t)
+            copies: dict[str, Any] = {"masters": [], "state": {}}
+            stream = torch.cuda.stream(streamer.h2d_stream) if streamer.cuda else _null()
+            if streamer.cuda:
+                streamer.h2d_stream.wait_stream(torch.cuda.current_stream(device))
+            with stream:
+                for g in unit.groups:
+                    flat = torch.empty(g.numel, dtype=g.master.dtype, device=device)
+                    flat.copy_(g.master, non_blocking=True)
+                    copies["masters"].append(flat)
+                    streamer.stats.h2d_bytes += flat.numel() * flat.element_size()
+                    for p in g.params:
+                        state = state_of.get(id(p))
+                        if state is not None:
+                            dev = {k: v.to(device, non_blocking=True) for k, v in state.items()}
+                            copies["state"][id(p)] = dev
+                            streamer.stats.h2d_bytes += sum(v.numel() * v.element_size() for v in state.values())
+                if streamer.cuda:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    copies["ready"] = ready
+            self._window_state[id(unit)] = copies
+
+    def _window_step(self, unit: StreamUnit, plan: StepPlan) -> None:
+        """Clip and step a window unit with the fused kernel on the device, write its stream copy there, and copy
+        master, Adam state and stream copy back to the host behind the step."""
+        from m6lit.strategies.host_engine import adam_functional
+
+        streamer = self.streamer
+        copies = self._window_state.pop(id(unit), None)
+        if streamer is None or copies is None:
+            return
+        device = streamer.device
+        compute = torch.cuda.current_stream(device) if streamer.cuda else None
+        if compute is not None and "ready" in copies:
+            compute.wait_event(copies["ready"])
+        coef = self._clip_coef
+        backs: list[tuple[Tensor, Tensor]] = []
+        for g, master_dev in zip(unit.groups, copies["masters"]):
+            views = g.views(master_dev)
+            grads = g.views(g.dev_grad) if g.dev_grad is not None else [None] * len(g.params)
+            by_group: dict[int, tuple[GroupHyper, list[Any]]] = {}
+            for p, host_master, view, grad, has in zip(g.params, g.master_views, views, grads, g.got_grad):
+                hyper = plan.hyper.get(id(p))
+                if not has or hyper is None or grad is None:
+                    continue
+                if coef is not None:
+                    grad.mul_(coef)
+                dev = copies["state"].get(id(p))
+                host_state = init_state(plan.optimizer, p, host_master, hyper.amsgrad)
+                if dev is None:
+                    dev = {k: torch.zeros_like(v, device=device) for k, v in host_state.items()}
+                    copies["state"][id(p)] = dev
+                for k, v in dev.items():
+                    backs.append((host_state[k], v))
+                by_group.setdefault(id(hyper), (hyper, []))[1].append((view, grad, dev))
+            for hyper, items in by_group.values():
+                adam_functional(
+                    [v for v, _, _ in items], [gr for _, gr, _ in items], [d["exp_avg"] for _, _, d in items],
+                    [d["exp_avg_sq"] for _, _, d in items],
+                    [d["max_exp_avg_sq"] for _, _, d in items] if hyper.amsgrad else [],
+                    [d["step"] for _, _, d in items], foreach=False, capturable=False, differentiable=False,
+                    fused=True, grad_scale=None, found_inf=None, has_complex=False,
+                    decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
+                    beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps,
+                    maximize=hyper.maximize)
+            backs.append((g.master, master_dev))
+            if g.low_precision:
+                backs.append((g.staging, master_dev.to(g.staging.dtype)))
+            g.dev_grad = None
+            g.got_grad = [False] * len(g.params)
+            g.staging_valid = True
+        if streamer.cuda:
+            streamer.d2h_stream.wait_stream(compute)
+            with torch.cuda.stream(streamer.d2h_stream):
+                for host, dev in backs:
+                    host.copy_(dev, non_blocking=True)
+                    dev.record_stream(streamer.d2h_stream)
+                done = torch.cuda.Event()
+                done.record()
+            unit.gpu_done = done
+        else:
+            for host, dev in backs:
+                host.copy_(dev)
+        streamer.stats.d2h_bytes += sum(h.numel() * h.element_size() for h, _ in backs)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Load without Lightning's move to the GPU: `load_state_dict` already puts each state on its parameter's
@@ -626,6 +790,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             row["redo_units"] = float(self.redo_units)
             row["speculated_units"] = float(self.speculated_units)
             row["delayed"] = float(self.delayed_steps)
+            row["window_units"] = float(self.window_units)
         row["clip_coef"] = float("nan")
         if self._last_coef is not None:
             coef, ready = self._last_coef
@@ -668,6 +833,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._norm_cache = None
         if self.streamer is not None:
             self.streamer.pre_backward()
+            self._window_prefetch()
 
     def post_backward(self, closure_loss: Tensor) -> None:
         if self.streamer is not None:
@@ -710,6 +876,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
 
 
 def _init_states(plan: StepPlan, unit: StreamUnit) -> None:

@@ -107,6 +107,7 @@ class _Group:
     target: Tensor | None = None
     grad32: Tensor | None = None  # lean layout: pinned landing buffer of fp32-streamed gradients
     pending: Tensor | None = None  # delayed update: the fp32 gradient the engine applies while the next step runs
+    dev_grad: Tensor | None = None  # GPU step window: the fp32 gradients kept on the device for a device step
     pending_has: list[bool] = field(default_factory=list)
     acc_has: list[bool] = field(default_factory=list)
     norms: list[Tensor | None] = field(default_factory=list)
@@ -172,6 +173,7 @@ class StreamUnit:
     registered: list[Tensor] = field(default_factory=list)
     ticket: Any = None  # the host engine's last task for this unit: the fetch waits for it
     d2h_done: Any = None  # CUDA event after the unit's last gradient copy of this backward
+    gpu_done: Any = None  # CUDA event after a device step's results were copied back to the host
     grads_reported: bool = False
 
     @property
@@ -232,6 +234,7 @@ class ParamStreamer:
         self.accumulate = accumulate
         self.delayed = delayed and lean
         self.on_unit_grads: Callable[[StreamUnit], None] | None = None
+        self.device_grad_units: set[int] = set()  # units whose gradients stay on the device (GPU step window)
         self.units: list[StreamUnit] = []
         self.stats = StreamStats()
         self._slot: dict[int, tuple[StreamUnit, _Group, int]] = {}
@@ -438,6 +441,8 @@ class ParamStreamer:
             self._release(unit)
         if self.lean:
             self.await_unit(unit)
+        if self.cuda and unit.gpu_done is not None:
+            self.h2d_stream.wait_event(unit.gpu_done)
         unit.full = full
         plan = []
         for g in unit.groups:
@@ -602,6 +607,9 @@ class ParamStreamer:
             return
         unit, g, i = slot
         self._note_backward()
+        if unit.index in self.device_grad_units:
+            self._keep_on_device(unit, g, i, p)
+            return
         target = g.target if g.target is not None else self._choose_target(unit, g)
         view = target[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape)
         grad = p.grad
@@ -624,6 +632,21 @@ class ParamStreamer:
             self._release(unit)
             if self.lean:
                 self._report_grads(unit)
+
+    def _keep_on_device(self, unit: StreamUnit, g: _Group, i: int, p: Tensor) -> None:
+        """GPU step window: the gradient stays on the device, upcast into the unit's fp32 device buffer."""
+        if g.dev_grad is None:
+            g.dev_grad = torch.zeros(g.numel, dtype=g.master.dtype, device=self.device)
+        grad = p.grad
+        g.norms[i] = self._norm(grad)
+        with torch.no_grad():
+            g.dev_grad[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape).copy_(grad)
+        p.grad = None
+        g.got_grad[i] = True
+        unit.pending.discard(id(p))
+        if not unit.pending:
+            unit.grads_done = True
+            self._release(unit)
 
     def _norm(self, grad: Tensor) -> Tensor:
         """The gradient's 2-norm in fp32 on the compute stream (on the CPU path from an fp32 copy, so it is the very
