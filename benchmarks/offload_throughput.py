@@ -4,11 +4,12 @@ Cases on one ~2.6B-parameter dense model (d_model 2560, 32 blocks, SwiGLU d_ff 6
 each with gradient clipping off and at 1.0:
   a  all resident (Lightning's single-device strategy)
   b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31]): optimizer_overlap exact,
-     backward and delayed (delay_warmup_steps 1)
-  c  every block streamed (model.blocks.[0-31]): exact, backward and delayed
+     backward and delayed (delay_warmup_steps 1), and with clipping also exact with a GPU step window (`--window`)
+  c  every block streamed (model.blocks.[0-31]): the same modes
   d  PyTorch FSDP2 fully_shard per block + root with CPUOffloadPolicy(pin_memory=True), world size 1
   e  the >=12B recipe: the model of configs/offload-12b.yaml (if present; else d_model 5120, 38 blocks, ~12.2B),
-     placed by gpu_memory_budget, block activation checkpointing when M6Config has it, one large micro-batch
+     placed by gpu_memory_budget, block activation checkpointing when M6Config has it, one large micro-batch, exact
+     mode with the GPU step window the plan leaves (`gpu_step_window: auto`)
 Per case: tokens/s, ratio to (a) at the same clipping, MFU (6NT over 989 and over the measured 790 TFLOP/s), the
 time the GPU waited for the host engine (exposed host time), copy stall, PCIe bytes, engine busy time, how often
 clipping scaled the gradients, peak GPU memory, host RSS, pinned bytes, and for (e) the plan's estimates beside the
@@ -210,7 +211,8 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
         row["redo_units"] = strategy.redo_units
         row["speculated_units"] = strategy.speculated_units
         plan = strategy.plan
-        row["mode"] = strategy.optimizer_overlap
+        row["mode"] = strategy.optimizer_overlap + ("+window" if strategy.gpu_step_window else "")
+        row["window_units"] = strategy.window_units
         row["offloaded_params"] = plan.estimate.offloaded_params if plan else None
         row["estimated_gpu_bytes"] = plan.estimate.gpu_total if plan else None
         row["estimated_host_bytes"] = plan.estimate.host_total if plan else None
@@ -350,7 +352,7 @@ def runs(layers: int, quick: bool) -> list[tuple[str, str | None, float | None]]
     for clip in (None, 1.0):
         out.append(("a", None, clip))
         for case in "bc":
-            for mode in ("exact", "backward", "delayed"):
+            for mode in ("exact", "backward", "delayed") + (("window",) if clip else ()):
                 out.append((case, mode, clip))
         out.append(("d", None, clip))
     out.append(("e", "exact", 1.0))
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--e_budget", default="130GB")
+    parser.add_argument("--window", default="60GB", help="gpu_step_window of the (b)/(c) 'window' runs")
     parser.add_argument("--only", default="abcde", help="cases to run (default all)")
     parser.add_argument("--time_budget", type=float, default=540.0,
                         help="seconds; a case that would start later than this minus 45 s is skipped and recorded")
@@ -391,8 +394,10 @@ def main(argv: list[str] | None = None) -> None:
             if case == "a":
                 row = lightning_case(case, config, args.batch, None, args.steps, args.warmup, clip)
             elif case in plans:
+                window = {"optimizer_overlap": "exact", "gpu_step_window": args.window} if mode == "window" else {
+                    "optimizer_overlap": mode, "delay_warmup_steps": 1}
                 row = lightning_case(case, config, args.batch, {"offload": plans[case], "prefetch": args.prefetch,
-                                                                "optimizer_overlap": mode, "delay_warmup_steps": 1},
+                                                                **window},
                                      args.steps, args.warmup, clip)
             elif case == "d":
                 if DEVICE != "cuda":
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                 big, batch, source = recipe_config(args.quick)
                 budget = None if args.quick else args.e_budget
                 kwargs = {"gpu_memory_budget": budget, "prefetch": args.prefetch, "optimizer_overlap": mode,
-                          "micro_batch_tokens": batch * big.max_seq_len} if budget else {
+                          "micro_batch_tokens": batch * big.max_seq_len, "gpu_step_window": "auto"} if budget else {
                           "offload": ["model.blocks.[1-2]"], "optimizer_overlap": mode}
                 row = lightning_case("e", big, batch, kwargs, args.steps, args.warmup, clip)
                 row.update({"gpu_memory_budget": budget, "shape_from": source,
