@@ -10,7 +10,8 @@ masters a `host_engine.HostEngine` worker thread that steps each unit (in forwar
 forward, which waits per unit for "updated") with the optimizer's own state. The gradient norm is taken once, on the
 device, before each gradient leaves it (`total_grad_norm()`); Lightning's `gradient_clip_val` uses it, and the clip
 coefficient is applied inside each unit's step. `optimizer_overlap: backward` steps units during backward already
-(redone from a backup when clipping then scales the gradients).
+(redone from a backup when clipping then scales the gradients); `delayed` is ZeRO-Offload's one-step delayed update
+(approximate); `gpu_step_window` steps the units whose gradients arrive last on the GPU.
 
 Use it by class path (`trainer.strategy.class_path: m6lit.strategies.SelectiveOffloadStrategy`) or, once
 `m6lit.strategies` is imported, by the short name `m6_offload`. Without CUDA the same streaming path runs with host
