@@ -649,7 +649,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def _pin(self, unit: StreamUnit, tensor: Tensor) -> None:
         from m6lit.strategies.streaming import register_host_memory
 
-        if self.streamer is not None and self.streamer.cuda and not tensor.is_pinned():
+        big = tensor.numel() * tensor.element_size() >= 1 << 20  # small ones go through pinned temporaries
+        if self.streamer is not None and self.streamer.cuda and big and not tensor.is_pinned():
             if register_host_memory(tensor):
                 unit.registered.append(tensor)
 
@@ -679,13 +680,16 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             with stream:
                 for g in unit.groups:
                     flat = torch.empty(g.numel, dtype=g.master.dtype, device=device)
-                    flat.copy_(g.master, non_blocking=True)
+                    src = g.master
+                    if streamer.cuda and not src.is_pinned():
+                        src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+                    flat.copy_(src, non_blocking=True)
                     copies["masters"].append(flat)
                     streamer.stats.h2d_bytes += flat.numel() * flat.element_size()
                     for p in g.params:
                         state = state_of.get(id(p))
                         if state is not None:
-                            dev = {k: v.to(device, non_blocking=True) for k, v in state.items()}
+                            dev = {k: _to_device(v, device) for k, v in state.items()}
                             copies["state"][id(p)] = dev
                             streamer.stats.h2d_bytes += sum(v.numel() * v.element_size() for v in state.values())
                 if streamer.cuda:
@@ -745,13 +749,25 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             g.staging_valid = True
         if streamer.cuda:
             streamer.d2h_stream.wait_stream(compute)
+            fixups: list[tuple[Tensor, Tensor]] = []  # pageable destinations: land in pinned memory, copy on the engine
             with torch.cuda.stream(streamer.d2h_stream):
                 for host, dev in backs:
-                    host.copy_(dev, non_blocking=True)
+                    if host.is_pinned():
+                        host.copy_(dev, non_blocking=True)
+                    else:
+                        landing = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+                        landing.copy_(dev, non_blocking=True)
+                        fixups.append((host, landing))
                     dev.record_stream(streamer.d2h_stream)
                 done = torch.cuda.Event()
                 done.record()
             unit.gpu_done = done
+            if fixups and self.engine is not None:
+                def land_state(done: Any = done, fixups: list[tuple[Tensor, Tensor]] = fixups) -> None:
+                    wait_event(done)
+                    for host, landing in fixups:
+                        host.copy_(landing)
+                unit.ticket = self.engine.submit(land_state)
         else:
             for host, dev in backs:
                 host.copy_(dev)
@@ -882,6 +898,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to the device without blocking the host: pageable memory goes through a pinned temporary
+    (the caching host allocator keeps it until the copy is done)."""
+    if device.type == "cuda" and not host.is_pinned():
+        host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    return host.to(device, non_blocking=True)
 
 
 def _init_states(plan: StepPlan, unit: StreamUnit) -> None:
