@@ -124,9 +124,11 @@ def test_prefetch_streams_every_block_and_offloads_gradients() -> None:
     assert stats["fetches"] >= 8 and stats["stall_s"] >= 0.0
 
 
-def test_exact_engine_with_clipping_matches_resident() -> None:
-    """The host engine's exact mode with clipping that triggers, against all-resident training (fp32: the CPU and
-    CUDA fused AdamW kernels and norms differ in the last bits only)."""
+@pytest.mark.parametrize("kwargs", [{}, {"gpu_step_window": "1GB"}, {"optimizer_overlap": "backward"}])
+def test_exact_engine_with_clipping_matches_resident(kwargs: dict) -> None:
+    """The host engine's exact mode (also with a GPU step window holding every streamed block, and the backward
+    overlap) with clipping that triggers, against all-resident training (fp32: the CPU and CUDA fused AdamW
+    kernels and norms differ in the last bits only)."""
     def run(strategy):
         module = _module(moe_layers="none")
         trainer = L.Trainer(max_steps=STEPS, accelerator="gpu", devices=1, precision="32-true", logger=False,
@@ -141,8 +143,10 @@ def test_exact_engine_with_clipping_matches_resident() -> None:
                                                      module.state_dict().items()}
 
     ref_losses, ref_params = run(None)
-    strategy = SelectiveOffloadStrategy(offload=HALF)
+    strategy = SelectiveOffloadStrategy(offload=HALF, **kwargs)
     losses, params = run(strategy)
+    if "gpu_step_window" in kwargs:
+        assert strategy.window_units == 2
     coefs = [row["clip_coef"] for row in strategy.step_stats[1:]]
     print(f"losses {losses} vs {ref_losses}; clip coefficients {coefs}; max |param diff| "
           f"{_max_diff(params, ref_params):.3g}")
