@@ -194,6 +194,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.gpu_step_window: int | str = 0 if gpu_step_window in ("0",) else gpu_step_window
         self._window: list[StreamUnit] | None = None
         self._window_state: dict[int, Any] = {}
+        self._window_fixups: dict[int, list[tuple[Any, list[tuple[Tensor, Tensor]]]]] = {}
         self.window_units = 0
         self._releases = 0
         self.delayed_steps = 0
@@ -396,6 +397,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                 unit.ticket = None
                 if unit.gpu_done is not None:
                     unit.gpu_done.synchronize()
+        self._apply_window_fixups()
 
     # ------------------------------------------------------------------ gradient norm and clipping
     def _streamed_slot(self, p: Tensor) -> Any:
@@ -593,8 +595,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         plan = speculative or self._step_plan(optimizer)
         self._releases += 1
         window = {id(u) for u in self._window or []}
-        for unit in self._window or []:
-            self._window_step(unit, plan)
+        self._window_copy_back([(unit, *self._window_step(unit, plan)) for unit in self._window or []])
         if self.optimizer_overlap == "delayed" and self._releases > self.delay_warmup_steps:
             self._release_delayed(plan, coef, ready)
             return
@@ -662,6 +663,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         device = streamer.device
         for unit in self._window:
             streamer.await_unit(unit)
+            self._apply_window_fixups(unit)
             if streamer.cuda and unit.gpu_done is not None:
                 streamer.h2d_stream.wait_event(unit.gpu_done)
             state_of = {}
@@ -698,7 +700,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     copies["ready"] = ready
             self._window_state[id(unit)] = copies
 
-    def _window_step(self, unit: StreamUnit, plan: StepPlan) -> None:
+    def _window_step(self, unit: StreamUnit, plan: StepPlan) -> tuple[list[Any], list[Any]]:
         """Clip and step a window unit with the fused kernel on the device, write its stream copy there, and copy
         master, Adam state and stream copy back to the host behind the step."""
         from m6lit.strategies.host_engine import adam_functional
@@ -706,12 +708,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         streamer = self.streamer
         copies = self._window_state.pop(id(unit), None)
         if streamer is None or copies is None:
-            return
+            return [], []
         device = streamer.device
         compute = torch.cuda.current_stream(device) if streamer.cuda else None
         if compute is not None and "ready" in copies:
             compute.wait_event(copies["ready"])
         coef = self._clip_coef
+        first: list[tuple[Tensor, Tensor]] = []
         backs: list[tuple[Tensor, Tensor]] = []
         for g, master_dev in zip(unit.groups, copies["masters"]):
             views = g.views(master_dev)
@@ -741,37 +744,60 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
                     beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps,
                     maximize=hyper.maximize)
-            backs.append((g.master, master_dev))
             if g.low_precision:
-                backs.append((g.staging, master_dev.to(g.staging.dtype)))
+                first.append((g.staging, master_dev.to(g.staging.dtype)))
+                backs.append((g.master, master_dev))
+            else:
+                first.append((g.master, master_dev))  # the master is the stream copy
             g.dev_grad = None
             g.got_grad = [False] * len(g.params)
             g.staging_valid = True
-        if streamer.cuda:
-            streamer.d2h_stream.wait_stream(compute)
-            fixups: list[tuple[Tensor, Tensor]] = []  # pageable destinations: land in pinned memory, copy on the engine
-            with torch.cuda.stream(streamer.d2h_stream):
-                for host, dev in backs:
-                    if host.is_pinned():
-                        host.copy_(dev, non_blocking=True)
+        return first, backs
+
+    def _window_copy_back(self, items: list[tuple[StreamUnit, list[Any], list[Any]]]) -> None:
+        """Copy the window's results to the host: every unit's stream copy first (the next forward waits only for
+        its own), then masters and Adam state. Pageable destinations land in pinned memory and are copied over at
+        the next backward's start (or a drain)."""
+        streamer = self.streamer
+        if streamer is None or not items:
+            return
+        for _, first, rest in items:
+            streamer.stats.d2h_bytes += sum(h.numel() * h.element_size() for h, _ in first + rest)
+        if not streamer.cuda:
+            for _, first, rest in items:
+                for host, dev in first + rest:
+                    host.copy_(dev)
+            return
+        streamer.d2h_stream.wait_stream(torch.cuda.current_stream(streamer.device))
+        with torch.cuda.stream(streamer.d2h_stream):
+            for phase in (1, 2):
+                for unit, first, rest in items:
+                    fixups: list[tuple[Tensor, Tensor]] = []
+                    for host, dev in first if phase == 1 else rest:
+                        if host.is_pinned():
+                            host.copy_(dev, non_blocking=True)
+                        else:
+                            landing = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+                            landing.copy_(dev, non_blocking=True)
+                            fixups.append((host, landing))
+                        dev.record_stream(streamer.d2h_stream)
+                    event = torch.cuda.Event()
+                    event.record()
+                    if phase == 1:
+                        unit.gpu_staging = event
                     else:
-                        landing = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-                        landing.copy_(dev, non_blocking=True)
-                        fixups.append((host, landing))
-                    dev.record_stream(streamer.d2h_stream)
-                done = torch.cuda.Event()
-                done.record()
-            unit.gpu_done = done
-            if fixups and self.engine is not None:
-                def land_state(done: Any = done, fixups: list[tuple[Tensor, Tensor]] = fixups) -> None:
-                    wait_event(done)
-                    for host, landing in fixups:
-                        host.copy_(landing)
-                unit.ticket = self.engine.submit(land_state)
-        else:
-            for host, dev in backs:
-                host.copy_(dev)
-        streamer.stats.d2h_bytes += sum(h.numel() * h.element_size() for h, _ in backs)
+                        unit.gpu_done = event
+                    if fixups:
+                        self._window_fixups.setdefault(id(unit), []).append((event, fixups))
+
+    def _apply_window_fixups(self, unit: StreamUnit | None = None) -> None:
+        """Copy results that landed in pinned temporaries into their pageable host tensors."""
+        keys = [id(unit)] if unit is not None else list(self._window_fixups)
+        for key in keys:
+            for event, fixups in self._window_fixups.pop(key, []):
+                event.synchronize()
+                for host, landing in fixups:
+                    host.copy_(landing)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Load without Lightning's move to the GPU: `load_state_dict` already puts each state on its parameter's

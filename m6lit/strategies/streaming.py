@@ -174,6 +174,7 @@ class StreamUnit:
     ticket: Any = None  # the host engine's last task for this unit: the fetch waits for it
     d2h_done: Any = None  # CUDA event after the unit's last gradient copy of this backward
     gpu_done: Any = None  # CUDA event after a device step's results were copied back to the host
+    gpu_staging: Any = None  # CUDA event after a device step's stream copy was copied back
     grads_reported: bool = False
 
     @property
@@ -441,8 +442,9 @@ class ParamStreamer:
             self._release(unit)
         if self.lean:
             self.await_unit(unit)
-        if self.cuda and unit.gpu_done is not None:
-            self.h2d_stream.wait_event(unit.gpu_done)
+        ready = unit.gpu_done if full else (unit.gpu_staging or unit.gpu_done)
+        if self.cuda and ready is not None:
+            self.h2d_stream.wait_event(ready)
         unit.full = full
         plan = []
         for g in unit.groups:
