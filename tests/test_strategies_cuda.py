@@ -122,3 +122,80 @@ def test_prefetch_streams_every_block_and_offloads_gradients() -> None:
     assert stats["h2d_bytes"] >= 1.5 * lp_bytes, stats
     assert stats["d2h_bytes"] >= lp_bytes, stats
     assert stats["fetches"] >= 8 and stats["stall_s"] >= 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gpu_step_window": "1GB"}, {"optimizer_overlap": "backward"}])
+def test_exact_engine_with_clipping_matches_resident(kwargs: dict) -> None:
+    """The host engine's exact mode (also with a GPU step window holding every streamed block, and the backward
+    overlap) with clipping that triggers, against all-resident training (fp32: the CPU and CUDA fused AdamW
+    kernels and norms differ in the last bits only)."""
+    def run(strategy):
+        module = _module(moe_layers="none")
+        trainer = L.Trainer(max_steps=STEPS, accelerator="gpu", devices=1, precision="32-true", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            gradient_clip_val=0.05, **({"strategy": strategy} if strategy is not None else {}))
+        from _fakes import LossRecorder, loader
+
+        recorder = LossRecorder()
+        trainer.callbacks.append(recorder)
+        trainer.fit(module, loader())
+        return [loss for _, loss in recorder.rows], {k: v.detach().float().cpu() for k, v in
+                                                     module.state_dict().items()}
+
+    ref_losses, ref_params = run(None)
+    strategy = SelectiveOffloadStrategy(offload=HALF, **kwargs)
+    losses, params = run(strategy)
+    if "gpu_step_window" in kwargs:
+        assert strategy.window_units == 2
+    coefs = [row["clip_coef"] for row in strategy.step_stats[1:]]
+    print(f"losses {losses} vs {ref_losses}; clip coefficients {coefs}; max |param diff| "
+          f"{_max_diff(params, ref_params):.3g}")
+    assert coefs and all(c < 1.0 for c in coefs), "clipping must trigger"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    for key in ref_params:
+        torch.testing.assert_close(params[key], ref_params[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_offloaded_micro_batches_make_no_host_sync() -> None:
+    """Forward, backward and the end of backward of offloaded micro-batches (with the engine landing gradients on
+    its thread) run under CUDA's sync debug mode set to error: none of the streamer's work may wait for the GPU. A
+    stack of plain blocks stands in for the model (M6Model's embedding checks token ids on the host, a sync of its
+    own)."""
+    from torch import nn
+
+    from m6lit.strategies.host_engine import HostEngine, UnitWork, wait_event
+    from m6lit.strategies.streaming import ParamStreamer
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)]).cuda()
+    streamer = ParamStreamer([("1", blocks[1]), ("2", blocks[2])], torch.device("cuda"), low_precision=torch.bfloat16,
+                             lean=True, accumulate=True)
+    engine = HostEngine(threads=2)
+    landed: list[str] = []
+
+    def on_grads(unit) -> None:
+        work, event = UnitWork(unit, lambda n: torch.empty(n)), unit.d2h_done
+
+        def land() -> None:
+            wait_event(event)
+            work.land()
+        unit.ticket = engine.submit(land)
+        landed.append(unit.name)
+    streamer.on_unit_grads = on_grads
+    data = [torch.randn(32, 64, device="cuda") for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in data:
+            streamer.begin_pass()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = blocks(x).float().pow(2).mean()
+            streamer.pre_backward()
+            loss.backward()
+            streamer.post_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.close()
+    assert landed == ["2", "1"] * 3, landed
+    g = streamer.units[0].groups[0]
+    assert all(g.acc_has) and all(n is not None and bool(torch.isfinite(n)) for n in g.norms)

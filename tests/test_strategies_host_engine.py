@@ -66,6 +66,64 @@ def test_every_mode_with_clipping_is_bitwise_identical_to_resident(mode: str, ac
         assert strategy.redo_units == strategy.speculated_units > 0, "every clipped unit is redone"
 
 
+class _StaleForward(L.Callback):
+    """The delayed update's reference on a resident model: from step `warmup` + 1 on, the offloaded parameters'
+    forward and backward use the values they had before the previous optimizer step, and the step (with that
+    gradient, clipped as usual) then updates their current values; the other parameters train exactly."""
+
+    def __init__(self, prefixes: tuple[str, ...], warmup: int) -> None:
+        self.prefixes, self.warmup = prefixes, warmup
+        self.prev: list[torch.Tensor] | None = None
+        self.cur: list[torch.Tensor] = []
+
+    def _params(self, module) -> list[torch.Tensor]:
+        return [p for n, p in module.named_parameters() if n.startswith(self.prefixes)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        params = self._params(pl_module)
+        self.cur = [p.detach().clone() for p in params]
+        if self.prev is not None and trainer.global_step >= self.warmup + 1:
+            with torch.no_grad():
+                for p, value in zip(params, self.prev):
+                    p.copy_(value)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        with torch.no_grad():
+            for p, value in zip(self._params(pl_module), self.cur):
+                p.copy_(value)
+        self.prev = self.cur
+
+
+def test_delayed_mode_equals_a_reference_that_applies_the_previous_steps_gradient() -> None:
+    warmup, steps = 1, 5
+    reference = _module()
+    fit(reference, steps, gradient_clip_val=CLIP, callbacks=[_StaleForward(("model.blocks.1.", "model.blocks.2."),
+                                                                            warmup)])
+    exact = _module()
+    fit(exact, steps, gradient_clip_val=CLIP)
+    strategy = SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="delayed", delay_warmup_steps=warmup)
+    strategy.engine_max_delay_s = 0.002
+    module = _module()
+    fit(module, steps, strategy=strategy, gradient_clip_val=CLIP)
+    assert strategy.delayed_steps == steps - warmup and strategy.step_stats[-1]["delayed"] == steps - warmup
+    assert _same(_state(module), _state(reference))
+    assert not _same(_state(module), _state(exact)), "the delayed update is not the exact one"
+
+
+@pytest.mark.parametrize("window,units", [(500_000, 1), ("10MB", 2)])
+def test_gpu_step_window_is_bitwise_identical_to_resident(window, units: int) -> None:
+    reference = _module()
+    ref_trainer, ref = fit(reference, 4, gradient_clip_val=CLIP)
+    strategy = SelectiveOffloadStrategy(offload=HALF, gpu_step_window=window)
+    module = _module()
+    trainer, rec = fit(module, 4, strategy=strategy, gradient_clip_val=CLIP)
+    assert strategy.window_units == units and strategy.step_stats[-1]["window_units"] == units
+    assert strategy.step_stats[-1]["engine_tasks"] == 2 - units, "the other units still step on the engine"
+    assert rec.rows == ref.rows
+    assert _same(_state(module), _state(reference))
+    assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
+
+
 def test_backward_mode_without_clipping_keeps_its_speculative_steps() -> None:
     reference = _module()
     fit(reference, 3)
@@ -134,9 +192,17 @@ def test_bad_modes_and_optimizers_are_refused() -> None:
         SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="sometimes")
     with pytest.raises(ValueError, match="engine='process'"):
         SelectiveOffloadStrategy(offload=HALF, engine="process")
-    with pytest.raises(ValueError, match="needs accumulate_grad_batches=1"):
-        fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="backward"),
+    for mode in ("backward", "delayed"):
+        with pytest.raises(ValueError, match=f"optimizer_overlap='{mode}' needs accumulate_grad_batches=1"):
+            fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, optimizer_overlap=mode),
+                accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="gpu_step_window=.* works with optimizer_overlap='exact' only"):
+        SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="backward", gpu_step_window="1GB")
+    with pytest.raises(ValueError, match="gpu_step_window needs accumulate_grad_batches=1"):
+        fit(_module(), 1, strategy=SelectiveOffloadStrategy(offload=HALF, gpu_step_window="1GB"),
             accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="delay_warmup_steps=-1"):
+        SelectiveOffloadStrategy(offload=HALF, optimizer_overlap="delayed", delay_warmup_steps=-1)
     with pytest.raises(ValueError, match="optimizer is SGD; use Adam/AdamW or set offload_optimizer: false"):
         fit(_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), 1, strategy=SelectiveOffloadStrategy(offload=HALF))
 

@@ -150,27 +150,28 @@ def test_plan_command_needs_a_budget_or_patterns(tmp_path: Path, capsys: pytest.
     assert "model.blocks.[1-2]" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("precision,accumulate,shared", [("bf16-mixed", 1, False), ("32-true", 1, False),
-                                                         ("bf16-mixed", 2, False), ("bf16-mixed", 1, True)])
+@pytest.mark.parametrize("precision,accumulate,shared,layout", [
+    ("bf16-mixed", 1, False, "engine"), ("32-true", 1, False, "engine"), ("bf16-mixed", 2, False, "engine"),
+    ("bf16-mixed", 1, True, "engine"), ("bf16-mixed", 1, False, "engine-delayed")])
 def test_host_and_pinned_estimate_equal_what_the_streamer_allocates(precision: str, accumulate: int,
-                                                                     shared: bool) -> None:
+                                                                     shared: bool, layout: str) -> None:
     from m6lit.strategies.streaming import ParamStreamer
 
     root = _root(num_unique_blocks=2) if shared else _root()
     units = ["model.blocks.1"] if shared else ["model.blocks.1", "model.blocks.2"]
     plan = plan_offload(root, offload=units, precision=precision, micro_batch_tokens=64,
-                        accumulate_grad_batches=accumulate)
+                        accumulate_grad_batches=accumulate, host_layout=layout)
     shared_names = {r.name for r in plan.rows if len(r.layers) > 1}
     assert bool(shared_names) == shared
     streamer = ParamStreamer([(n, root.get_submodule(n)) for n in units], torch.device("cpu"),
                              low_precision=torch.bfloat16 if precision == "bf16-mixed" else None,
-                             shared=shared_names, lean=True, accumulate=accumulate > 1)
+                             shared=shared_names, lean=True, accumulate=accumulate > 1,
+                             delayed=layout == "engine-delayed")
     host = plan.estimate.host
     streamer_estimate = plan.estimate.host_total - host["optimizer state"] - host["engine scratch"]
     assert streamer_estimate == streamer.host_bytes(), (host, streamer.host_bytes())
     assert plan.estimate.pinned == streamer.copied_bytes()
-    biggest = max(g.numel for u in streamer.units for g in u.groups if g.low_precision) if precision != "32-true" \
-        and not shared else 0
+    biggest = max((g.numel for u in streamer.units for g in u.groups if g.low_precision), default=0)
     assert host["engine scratch"] == (0 if accumulate > 1 else 4 * biggest)
     if precision == "bf16-mixed" and accumulate == 1 and not shared:
         n_off = plan.estimate.offloaded_params

@@ -145,3 +145,44 @@ def test_bad_units_are_refused() -> None:
         ParamStreamer([], torch.device("cpu"), prefetch=-1)
     with pytest.raises(ValueError, match="already belongs to another streamed unit"):
         ParamStreamer([("blocks.1", model.blocks[1]), ("blocks.1.attn", model.blocks[1].attn)], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_layout_leaves_gradients_where_they_land_with_their_device_norms(autocast: bool) -> None:
+    config = tiny_config()
+    torch.manual_seed(0)
+    reference = M6Model(config)
+    torch.manual_seed(0)
+    model = M6Model(config)
+    units = ["blocks.1", "blocks.2"]
+    streamer = ParamStreamer([(n, model.get_submodule(n)) for n in units], torch.device("cpu"), lean=True,
+                             low_precision=torch.bfloat16 if autocast else None)
+    batch = next(iter(loader(size=4)))
+    for net, stream in ((reference, None), (model, streamer)):
+        if stream is not None:
+            stream.begin_pass()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(batch)
+            loss = lm_loss(out.logits, batch["labels"]) + out.aux_loss
+        if stream is not None:
+            stream.backward(loss)
+        else:
+            loss.backward()
+    ref = dict(reference.named_parameters())
+    checked = 0
+    for unit in streamer.units:
+        for g in unit.groups:
+            assert g.acc is None, "no fp32 accumulator without gradient accumulation"
+            assert (g.grad32 is None) == g.low_precision, "bf16 gradients land in the stream copy itself"
+            landing = g.staging if g.low_precision else g.grad32
+            for name, p, view, norm, got in zip(g.names, g.params, g.views(landing), g.norms, g.got_grad):
+                expected = ref[f"{unit.name}.{name}"].grad
+                assert p.grad is None, "the engine, not the optimizer, reads offloaded gradients"
+                if expected is None:
+                    assert not got and norm is None
+                    continue
+                assert torch.equal(view.float(), expected), name
+                assert torch.equal(norm, torch.linalg.vector_norm(expected)), name
+                checked += 1
+    assert checked > 10
+    assert streamer.live_device_bytes() == 0

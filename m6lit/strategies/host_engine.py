@@ -9,7 +9,10 @@ Per streamed unit the engine runs small tasks (FIFO, one worker):
   parameter group's hyperparameters and the user optimizer's own `optimizer.state[p]`, then write the bf16 stream
   copy and mark the unit updated;
 - in `backward` overlap mode, `speculate` steps the unit during backward (clip coefficient assumed 1, state backed
-  up first) and `settle` keeps the result or restores the backup and redoes the step with the real coefficient.
+  up first) and `settle` keeps the result or restores the backup and redoes the step with the real coefficient;
+- in `delayed` mode, `stash` moves the step's gradient aside and writes the stream copy from the masters as they are
+  (the next forward waits only for this), then `apply` steps the masters while the next step runs: the next step's
+  gradients are computed on weights one update old (ZeRO-Offload's delayed parameter update; approximate).
 
 The forward's fetch waits for the unit's last ticket instead of re-making copies itself. Every task runs the same
 kernels on the same values whether the engine runs inline, threaded, or threaded with random delays, so the bits do
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from m6lit.strategies.streaming import StreamUnit
 
-OVERLAP_MODES = ("exact", "backward", "delayed")
+OVERLAP_MODES = ("exact", "backward", "delayed")  # see SelectiveOffloadStrategy.optimizer_overlap
 
 
 class Ticket:
@@ -249,6 +252,7 @@ class UnitWork:
                        for v, has in zip(g.views(g.acc), g.acc_has)]
             if g.low_precision:
                 g.staging.copy_(g.master)
+            g.staging_valid = True
 
     def _has(self, g: Any) -> list[bool]:
         return list(g.acc_has) if g.acc is not None else list(g.got_grad)
@@ -294,16 +298,35 @@ class UnitWork:
             g.acc_has = [False] * len(g.params)
         g.got_grad = [False] * len(g.params)
 
+    # ------------------------------------------------------------------ delayed update
+    def stash(self) -> None:
+        """Move this step's gradients into the fp32 stash and write the stream copies from the current masters."""
+        for g in self.unit.groups:
+            has = self._has(g)
+            g.pending_has = has
+            if any(has):
+                g.pending.copy_(g.acc if g.acc is not None else g.staging)
+            self._finish(g)
+
+    def apply(self, plan: StepPlan, coef: Tensor | None) -> None:
+        """Step the masters with the stashed gradients (the stream copies keep the weights before this step)."""
+        for g in self.unit.groups:
+            if any(g.pending_has):
+                views = g.views(g.pending)
+                self._adam(plan, g, [v if has else None for v, has in zip(views, g.pending_has)], coef)
+            g.pending_has = [False] * len(g.params)
+
     # ------------------------------------------------------------------ backward overlap
-    def speculate(self, plan: StepPlan) -> None:
-        """Step the unit as if the clip coefficient were 1, after backing up its masters and Adam state."""
+    def speculate(self, plan: StepPlan, backup: bool = True) -> None:
+        """Step the unit as if the clip coefficient were 1, after backing up its masters and Adam state (`backup`:
+        only when clipping may ask for a redo)."""
         self.backup = []
         for g in self.unit.groups:
             has = self._has(g)
             if not any(has):
                 continue
             for p, master, grad_has in zip(g.params, g.master_views, has):
-                if not grad_has or id(p) not in plan.hyper:
+                if not (backup and grad_has and id(p) in plan.hyper):
                     continue
                 state = plan.optimizer.state[p]
                 for t in (master, *state.values()):
@@ -314,6 +337,8 @@ class UnitWork:
         """Keep the speculative step when the coefficient is 1 (or there is none); otherwise restore the backup and
         redo the step with the coefficient. Returns whether it redid."""
         redo = coef is not None and bool(coef.item() < 1.0)
+        if redo and not self.backup:
+            raise RuntimeError(f"unit {self.unit.name}: clipping scaled the gradients but no backup was kept")
         if redo:
             for t, saved in self.backup:
                 t.copy_(saved)

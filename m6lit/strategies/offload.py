@@ -10,7 +10,8 @@ masters a `host_engine.HostEngine` worker thread that steps each unit (in forwar
 forward, which waits per unit for "updated") with the optimizer's own state. The gradient norm is taken once, on the
 device, before each gradient leaves it (`total_grad_norm()`); Lightning's `gradient_clip_val` uses it, and the clip
 coefficient is applied inside each unit's step. `optimizer_overlap: backward` steps units during backward already
-(redone from a backup when clipping then scales the gradients).
+(redone from a backup when clipping then scales the gradients); `delayed` is ZeRO-Offload's one-step delayed update
+(approximate); `gpu_step_window` steps the units whose gradients arrive last on the GPU.
 
 Use it by class path (`trainer.strategy.class_path: m6lit.strategies.SelectiveOffloadStrategy`) or, once
 `m6lit.strategies` is imported, by the short name `m6_offload`. Without CUDA the same streaming path runs with host
@@ -122,10 +123,19 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         pin_memory: page-lock host buffers (CUDA only; needed for copies that overlap compute).
         offload_optimizer: run Adam/AdamW with fused kernels on both devices, the host part on the engine thread
             (false: host gradients become `.grad` and the optimizer steps them on the main thread, any optimizer).
-        optimizer_overlap: `exact` (default: offloaded units step after backward, bitwise as resident training) or
+        optimizer_overlap: `exact` (default: offloaded units step after backward, bitwise as resident training),
             `backward` (each unit steps as its gradients land; with clipping a unit is redone from a backup copy of
             its state when the coefficient is below 1, counted in `offload/redo_units`; needs
-            accumulate_grad_batches=1).
+            accumulate_grad_batches=1) or `delayed` (approximate, opt-in: after `delay_warmup_steps` exact steps the
+            offloaded units' update of step t runs while step t+1 computes, so step t+1's gradients of offloaded
+            parameters come from weights one update old; resident parameters stay exact; logged as
+            `offload/delayed`).
+        delay_warmup_steps: exact steps (in each fit) before `delayed` starts delaying.
+        gpu_step_window: device memory (bytes, `8GB`, or `auto`: what the plan leaves of `gpu_memory_budget`) for
+            stepping on the GPU, in `exact` mode, the offloaded units whose gradients arrive last in backward (the
+            first in forward order): their gradients stay on the device, their master and Adam state are copied in
+            from pinned host memory during backward (16 bytes per parameter of window), stepped by the fused CUDA
+            kernel, and copied back. 0 (default): every offloaded unit steps on the host engine.
         engine_threads: host threads for the engine's kernels (default: all cores but two).
         engine: `thread` (default) or `inline` (every engine task runs on the main thread; same bits, for debugging).
         micro_batch_tokens: tokens per micro-batch for the budget plan's activation estimate (default: the data
@@ -138,7 +148,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def __init__(self, offload: list[str] | None = None, gpu_memory_budget: int | str | None = None,
                  host_memory_budget: int | str | None = None, prefetch: int = 1, pin_memory: bool = True,
                  offload_optimizer: bool = True, micro_batch_tokens: int | None = None,
-                 optimizer_overlap: str = "exact", engine_threads: int | None = None, engine: str = "thread",
+                 optimizer_overlap: str = "exact", delay_warmup_steps: int = 10,
+                 gpu_step_window: int | str = 0, engine_threads: int | None = None, engine: str = "thread",
                  device: str | torch.device | None = None, accelerator: Any = None, checkpoint_io: Any = None,
                  precision_plugin: Any = None) -> None:
         super().__init__(device=device if device is not None else "cpu", accelerator=accelerator,
@@ -153,9 +164,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if optimizer_overlap not in OVERLAP_MODES:
             raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={optimizer_overlap!r}: choose one of "
                              f"{OVERLAP_MODES}")
-        if optimizer_overlap == "delayed":
-            raise ValueError("SelectiveOffloadStrategy.optimizer_overlap='delayed' is not available yet; use 'exact' "
-                             "or 'backward'")
+        if gpu_step_window not in (0, "0", "auto"):
+            gpu_step_window = parse_bytes(gpu_step_window)
+        if gpu_step_window and optimizer_overlap != "exact":
+            raise ValueError(f"SelectiveOffloadStrategy.gpu_step_window={gpu_step_window!r} works with "
+                             f"optimizer_overlap='exact' only (got {optimizer_overlap!r})")
+        if delay_warmup_steps < 0:
+            raise ValueError(f"SelectiveOffloadStrategy.delay_warmup_steps={delay_warmup_steps}: must be >= 0")
         if engine not in ("thread", "inline"):
             raise ValueError(f"SelectiveOffloadStrategy.engine={engine!r}: choose 'thread' or 'inline'")
         if micro_batch_tokens is not None and micro_batch_tokens < 1:
@@ -175,6 +190,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._backward_end = 0.0
         self._optimizer_time = 0.0
         self.optimizer_overlap = optimizer_overlap
+        self.delay_warmup_steps = delay_warmup_steps
+        self.gpu_step_window: int | str = 0 if gpu_step_window in ("0",) else gpu_step_window
+        self._window: list[StreamUnit] | None = None
+        self._window_state: dict[int, Any] = {}
+        self._window_fixups: dict[int, list[tuple[Any, list[tuple[Tensor, Tensor]]]]] = {}
+        self.window_units = 0
+        self._releases = 0
+        self.delayed_steps = 0
         self.engine_threads = engine_threads
         self.engine_kind = engine
         self.engine_max_delay_s = 0.0  # tests: random delays before each engine task must not change any bit
@@ -259,8 +282,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                             precision="bf16-mixed" if lp is not None else "32-true",
                             micro_batch_tokens=self._tokens(module), prefetch=self.prefetch,
                             accumulate_grad_batches=accumulate, host_memory_budget=self.host_memory_budget,
-                            host_layout=("engine-backward" if self.optimizer_overlap == "backward" else "engine")
-                            if self.offload_optimizer else "legacy")
+                            host_layout=(f"engine-{self.optimizer_overlap}" if self.optimizer_overlap != "exact"
+                                         else "engine") if self.offload_optimizer else "legacy")
 
     def _place(self, module: LightningModule) -> None:
         device = self.root_device
@@ -279,13 +302,16 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.streamer is None:
             trainer = getattr(module, "_trainer", None)
             self._accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-            if self.optimizer_overlap == "backward" and self._accumulate > 1:
-                raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap='backward' steps each unit during the "
-                                 f"backward and needs accumulate_grad_batches=1 (got {self._accumulate}); use "
-                                 f"'exact'")
+            if self.gpu_step_window and self._accumulate > 1:
+                raise ValueError(f"SelectiveOffloadStrategy.gpu_step_window needs accumulate_grad_batches=1 (got "
+                                 f"{self._accumulate}); gradients of the window would have to accumulate on the GPU")
+            if self.optimizer_overlap != "exact" and self._accumulate > 1:
+                raise ValueError(f"SelectiveOffloadStrategy.optimizer_overlap={self.optimizer_overlap!r} needs "
+                                 f"accumulate_grad_batches=1 (got {self._accumulate}); use 'exact'")
             self.streamer = ParamStreamer([], device, prefetch=self.prefetch, pin_memory=self.pin_memory,
                                           low_precision=lp, keep=keep, shared=shared, lean=self.offload_optimizer,
-                                          accumulate=self._accumulate > 1)
+                                          accumulate=self._accumulate > 1,
+                                          delayed=self.optimizer_overlap == "delayed")
             self.streamer.on_unit_grads = self._on_unit_grads
         streamer = self.streamer
         streamer.keep, streamer.shared = keep, shared
@@ -338,7 +364,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert module is not None
         self.drain()
         self._works.clear()
+        self._window = None
         if self.streamer is not None:
+            self.streamer.device_grad_units = set()
             self.streamer.release_all()
         self._place(module)
         for optimizer in self.optimizers:
@@ -367,6 +395,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.streamer is not None:
             for unit in self.streamer.units:
                 unit.ticket = None
+                if unit.gpu_done is not None:
+                    unit.gpu_done.synchronize()
+        self._apply_window_fixups()
 
     # ------------------------------------------------------------------ gradient norm and clipping
     def _streamed_slot(self, p: Tensor) -> Any:
@@ -470,7 +501,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         """The engine's one fp32 buffer for upcast bf16 gradients (sized to the largest group; tasks run in order)."""
         if self._scratch is None or self._scratch.numel() < numel:
             streamer = self.streamer
-            biggest = max((g.numel for u in streamer.units for g in u.groups), default=numel) if streamer else numel
+            biggest = max((g.numel for u in streamer.units for g in u.groups if g.low_precision),
+                          default=numel) if streamer else numel
             self._scratch = torch.empty(max(biggest, numel), dtype=torch.float32)
         return self._scratch[:numel]
 
@@ -489,6 +521,28 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             if any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
                 return optimizer
         return None
+
+    def _release_delayed(self, plan: StepPlan, coef: Tensor | None, ready: Any) -> None:
+        """Delayed update: per unit, stash the gradients and re-make the stream copy (the next forward waits for
+        this only), then, behind all of those, step the masters while the next step computes."""
+        engine, streamer = self.engine, self.streamer
+        assert engine is not None and streamer is not None
+        units = [u for u in streamer.forward_order() if any(id(p) in plan.hyper for p in u.parameters())]
+        for unit in units:
+            work, event = self._work(unit), unit.d2h_done
+
+            def stash(work: UnitWork = work, event: Any = event, unit: StreamUnit = unit) -> None:
+                wait_event(event)
+                _init_states(plan, unit)
+                work.stash()
+            unit.ticket = engine.submit(stash)
+            unit.d2h_done = None
+        for unit in units:
+            def apply(work: UnitWork = self._work(unit)) -> None:
+                wait_event(ready)
+                work.apply(plan, coef)
+            engine.submit(apply)
+        self.delayed_steps += 1
 
     def _on_unit_grads(self, unit: StreamUnit) -> None:
         """A unit's gradients of this backward are all issued: land them (accumulation) or, in `backward` overlap
@@ -513,11 +567,13 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                 plan = self._spec_plans[id(optimizer)] = self._step_plan(optimizer)
             work = self._work(unit)
             self.speculated_units += 1
+            trainer = getattr(self.lightning_module, "_trainer", None)
+            backup = bool(getattr(trainer, "gradient_clip_val", None))
 
             def speculate() -> None:
                 wait_event(event)
                 _init_states(plan, unit)
-                work.speculate(plan)
+                work.speculate(plan, backup)
             unit.ticket = engine.submit(speculate)
 
     def _release(self, optimizer: Any) -> None:
@@ -537,8 +593,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             self._last_coef = (coef, ready)
         speculative = self._spec_plans.pop(id(optimizer), None)
         plan = speculative or self._step_plan(optimizer)
+        self._releases += 1
+        window = {id(u) for u in self._window or []}
+        self._window_copy_back([(unit, *self._window_step(unit, plan)) for unit in self._window or []])
+        if self.optimizer_overlap == "delayed" and self._releases > self.delay_warmup_steps:
+            self._release_delayed(plan, coef, ready)
+            return
         for unit in streamer.forward_order():
-            if not any(id(p) in plan.hyper for p in unit.parameters()):
+            if id(unit) in window or not any(id(p) in plan.hyper for p in unit.parameters()):
                 continue
             work, event = self._work(unit), unit.d2h_done
             if speculative is not None:
@@ -555,6 +617,187 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     work.step(plan, coef)
                 unit.ticket = engine.submit(step)
             unit.d2h_done = None
+        if self.gpu_step_window and self._window is None:
+            self._choose_window()
+
+    # ------------------------------------------------------------------ GPU step window
+    def _window_bytes(self) -> int:
+        if self.gpu_step_window != "auto":
+            return int(self.gpu_step_window)
+        plan = self.plan
+        if plan is None or plan.gpu_memory_budget is None:
+            return 0
+        return max(0, int(plan.gpu_memory_budget - plan.estimate.gpu_total))
+
+    def _choose_window(self) -> None:
+        """The units first in forward order (their gradients arrive last) whose device step fits the window: from
+        the next backward on, their gradients stay on the device."""
+        streamer = self.streamer
+        assert streamer is not None
+        left, chosen = self._window_bytes(), []
+        for unit in streamer.forward_order():
+            need = 16 * unit.numel
+            if need > left:
+                break
+            chosen.append(unit)
+            left -= need
+        self._window = chosen
+        self.window_units = len(chosen)
+        streamer.device_grad_units = {u.index for u in chosen}
+        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {format_bytes(self._window_bytes())} holds "
+                       f"{len(chosen)} of {len(streamer.units)} offloaded units ({[u.name for u in chosen][:4]}...)")
+
+    def _pin(self, unit: StreamUnit, tensor: Tensor) -> None:
+        from m6lit.strategies.streaming import register_host_memory
+
+        big = tensor.numel() * tensor.element_size() >= 1 << 20  # small ones go through pinned temporaries
+        if self.streamer is not None and self.streamer.cuda and big and not tensor.is_pinned():
+            if register_host_memory(tensor):
+                unit.registered.append(tensor)
+
+    def _window_prefetch(self) -> None:
+        """Start of backward: copy the window units' masters and Adam state to the device on the copy stream."""
+        streamer = self.streamer
+        if not self._window or streamer is None:
+            return
+        device = streamer.device
+        for unit in self._window:
+            streamer.await_unit(unit)
+            self._apply_window_fixups(unit)
+            if streamer.cuda and unit.gpu_done is not None:
+                streamer.h2d_stream.wait_event(unit.gpu_done)
+            state_of = {}
+            for g in unit.groups:
+                self._pin(unit, g.master)
+                for p in g.params:
+                    for optimizer in self.optimizers:
+                        if p in optimizer.state and len(optimizer.state[p]):
+                            state_of[id(p)] = optimizer.state[p]
+                            for t in optimizer.state[p].values():
+                                self._pin(unit, t)
+            copies: dict[str, Any] = {"masters": [], "state": {}}
+            stream = torch.cuda.stream(streamer.h2d_stream) if streamer.cuda else _null()
+            if streamer.cuda:
+                streamer.h2d_stream.wait_stream(torch.cuda.current_stream(device))
+            with stream:
+                for g in unit.groups:
+                    flat = torch.empty(g.numel, dtype=g.master.dtype, device=device)
+                    src = g.master
+                    if streamer.cuda and not src.is_pinned():
+                        src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+                    flat.copy_(src, non_blocking=True)
+                    copies["masters"].append(flat)
+                    streamer.stats.h2d_bytes += flat.numel() * flat.element_size()
+                    for p in g.params:
+                        state = state_of.get(id(p))
+                        if state is not None:
+                            dev = {k: _to_device(v, device) for k, v in state.items()}
+                            copies["state"][id(p)] = dev
+                            streamer.stats.h2d_bytes += sum(v.numel() * v.element_size() for v in state.values())
+                if streamer.cuda:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    copies["ready"] = ready
+            self._window_state[id(unit)] = copies
+
+    def _window_step(self, unit: StreamUnit, plan: StepPlan) -> tuple[list[Any], list[Any]]:
+        """Clip and step a window unit with the fused kernel on the device, write its stream copy there, and copy
+        master, Adam state and stream copy back to the host behind the step."""
+        from m6lit.strategies.host_engine import adam_functional
+
+        streamer = self.streamer
+        copies = self._window_state.pop(id(unit), None)
+        if streamer is None or copies is None:
+            return [], []
+        device = streamer.device
+        compute = torch.cuda.current_stream(device) if streamer.cuda else None
+        if compute is not None and "ready" in copies:
+            compute.wait_event(copies["ready"])
+        coef = self._clip_coef
+        first: list[tuple[Tensor, Tensor]] = []
+        backs: list[tuple[Tensor, Tensor]] = []
+        for g, master_dev in zip(unit.groups, copies["masters"]):
+            views = g.views(master_dev)
+            grads = g.views(g.dev_grad) if g.dev_grad is not None else [None] * len(g.params)
+            by_group: dict[int, tuple[GroupHyper, list[Any]]] = {}
+            for p, host_master, view, grad, has in zip(g.params, g.master_views, views, grads, g.got_grad):
+                hyper = plan.hyper.get(id(p))
+                if not has or hyper is None or grad is None:
+                    continue
+                if coef is not None:
+                    grad.mul_(coef)
+                dev = copies["state"].get(id(p))
+                host_state = init_state(plan.optimizer, p, host_master, hyper.amsgrad)
+                if dev is None:
+                    dev = {k: torch.zeros_like(v, device=device) for k, v in host_state.items()}
+                    copies["state"][id(p)] = dev
+                for k, v in dev.items():
+                    backs.append((host_state[k], v))
+                by_group.setdefault(id(hyper), (hyper, []))[1].append((view, grad, dev))
+            for hyper, items in by_group.values():
+                adam_functional(
+                    [v for v, _, _ in items], [gr for _, gr, _ in items], [d["exp_avg"] for _, _, d in items],
+                    [d["exp_avg_sq"] for _, _, d in items],
+                    [d["max_exp_avg_sq"] for _, _, d in items] if hyper.amsgrad else [],
+                    [d["step"] for _, _, d in items], foreach=False, capturable=False, differentiable=False,
+                    fused=True, grad_scale=None, found_inf=None, has_complex=False,
+                    decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
+                    beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps,
+                    maximize=hyper.maximize)
+            if g.low_precision:
+                first.append((g.staging, master_dev.to(g.staging.dtype)))
+                backs.append((g.master, master_dev))
+            else:
+                first.append((g.master, master_dev))  # the master is the stream copy
+            g.dev_grad = None
+            g.got_grad = [False] * len(g.params)
+            g.staging_valid = True
+        return first, backs
+
+    def _window_copy_back(self, items: list[tuple[StreamUnit, list[Any], list[Any]]]) -> None:
+        """Copy the window's results to the host: every unit's stream copy first (the next forward waits only for
+        its own), then masters and Adam state. Pageable destinations land in pinned memory and are copied over at
+        the next backward's start (or a drain)."""
+        streamer = self.streamer
+        if streamer is None or not items:
+            return
+        for _, first, rest in items:
+            streamer.stats.d2h_bytes += sum(h.numel() * h.element_size() for h, _ in first + rest)
+        if not streamer.cuda:
+            for _, first, rest in items:
+                for host, dev in first + rest:
+                    host.copy_(dev)
+            return
+        streamer.d2h_stream.wait_stream(torch.cuda.current_stream(streamer.device))
+        with torch.cuda.stream(streamer.d2h_stream):
+            for phase in (1, 2):
+                for unit, first, rest in items:
+                    fixups: list[tuple[Tensor, Tensor]] = []
+                    for host, dev in first if phase == 1 else rest:
+                        if host.is_pinned():
+                            host.copy_(dev, non_blocking=True)
+                        else:
+                            landing = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+                            landing.copy_(dev, non_blocking=True)
+                            fixups.append((host, landing))
+                        dev.record_stream(streamer.d2h_stream)
+                    event = torch.cuda.Event()
+                    event.record()
+                    if phase == 1:
+                        unit.gpu_staging = event
+                    else:
+                        unit.gpu_done = event
+                    if fixups:
+                        self._window_fixups.setdefault(id(unit), []).append((event, fixups))
+
+    def _apply_window_fixups(self, unit: StreamUnit | None = None) -> None:
+        """Copy results that landed in pinned temporaries into their pageable host tensors."""
+        keys = [id(unit)] if unit is not None else list(self._window_fixups)
+        for key in keys:
+            for event, fixups in self._window_fixups.pop(key, []):
+                event.synchronize()
+                for host, landing in fixups:
+                    host.copy_(landing)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Load without Lightning's move to the GPU: `load_state_dict` already puts each state on its parameter's
@@ -589,6 +832,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             row.update(self.engine.collect())
             row["redo_units"] = float(self.redo_units)
             row["speculated_units"] = float(self.speculated_units)
+            row["delayed"] = float(self.delayed_steps)
+            row["window_units"] = float(self.window_units)
         row["clip_coef"] = float("nan")
         if self._last_coef is not None:
             coef, ready = self._last_coef
@@ -631,6 +876,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._norm_cache = None
         if self.streamer is not None:
             self.streamer.pre_backward()
+            self._window_prefetch()
 
     def post_backward(self, closure_loss: Tensor) -> None:
         if self.streamer is not None:
@@ -673,6 +919,19 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to the device without blocking the host: pageable memory goes through a pinned temporary
+    (the caching host allocator keeps it until the copy is done)."""
+    if device.type == "cuda" and not host.is_pinned():
+        host = torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
+    return host.to(device, non_blocking=True)
 
 
 def _init_states(plan: StepPlan, unit: StreamUnit) -> None:

@@ -35,7 +35,7 @@ from m6lit.model.moe import GroupedExperts
 from m6lit.strategies.streaming import ALIGN, autocast_consumed
 
 PRECISIONS = ("32-true", "bf16-mixed")
-HOST_LAYOUTS = ("engine", "engine-backward", "legacy")
+HOST_LAYOUTS = ("engine", "engine-backward", "engine-delayed", "legacy")
 PCIE_BYTES_PER_S = 55e9
 CPU_ADAM_PARAMS_PER_S = 4.26e9
 ASSUMED_FLOPS = 400e12
@@ -376,7 +376,8 @@ def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed",
     """Memory per GPU and host, and PCIe bytes per optimizer step, for the placement in `rows`.
 
     `host_layout`: `engine` (the host engine's lean buffers), `engine-backward` (plus the backup copy of master and
-    Adam state that `optimizer_overlap: backward` keeps per unit while it speculates) or `legacy` (host fp32
+    Adam state that `optimizer_overlap: backward` keeps per unit while it speculates), `engine-delayed` (plus an fp32
+    gradient stash and separate fp32 stream copies for fp32-streamed parameters) or `legacy` (host fp32
     gradients exposed as `.grad`: every buffer pinned, an fp32 gradient per parameter)."""
     if host_layout not in HOST_LAYOUTS:
         raise ValueError(f"host_layout={host_layout!r}: choose one of {HOST_LAYOUTS}")
@@ -418,6 +419,13 @@ def estimate(rows: Sequence[Row], config: Any, *, precision: str = "bf16-mixed",
                 "speculation backup": float((4 + optimizer_state_bytes) * n_off)
                 if host_layout == "engine-backward" else 0.0}
         pinned = 2.0 * a_lp + 8.0 * a_fp
+        if host_layout == "engine-delayed":
+            host["fp32 stream copies"] = 4.0 * a_fp
+            host["delayed gradient stash"] = 4.0 * (a_lp + a_fp)
+            host["fp32 gradient landing"] = 0.0  # fp32 gradients land in the separate stream copy
+            host["engine scratch"] = 0.0 if accumulate else 4.0 * max((max(r.host_lp, r.host_fp) for r in off),
+                                                                      default=0)
+            pinned = 2.0 * a_lp + 4.0 * a_fp
     micro = max(accumulate_grad_batches, 1)
     h2d = sum(r.stream_bytes * 2 * r.runs for r in off) * micro
     d2h = sum(r.stream_bytes for r in off) * micro

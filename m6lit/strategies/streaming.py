@@ -107,6 +107,9 @@ class _Group:
     got_grad: list[bool] = field(default_factory=list)
     target: Tensor | None = None
     grad32: Tensor | None = None  # lean layout: pinned landing buffer of fp32-streamed gradients
+    pending: Tensor | None = None  # delayed update: the fp32 gradient the engine applies while the next step runs
+    dev_grad: Tensor | None = None  # GPU step window: the fp32 gradients kept on the device for a device step
+    pending_has: list[bool] = field(default_factory=list)
     acc_has: list[bool] = field(default_factory=list)
     norms: list[Tensor | None] = field(default_factory=list)
 
@@ -137,7 +140,7 @@ class _Group:
 
     def host_buffers(self) -> list[Tensor]:
         out = [self.master] + ([self.staging] if self.staging is not self.master else [])
-        return out + [t for t in (self.acc, self.stage32, self.grad32) if t is not None]
+        return out + [t for t in (self.acc, self.stage32, self.grad32, self.pending) if t is not None]
 
     def host_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.host_buffers())
@@ -171,6 +174,8 @@ class StreamUnit:
     registered: list[Tensor] = field(default_factory=list)
     ticket: Any = None  # the host engine's last task for this unit: the fetch waits for it
     d2h_done: Any = None  # CUDA event after the unit's last gradient copy of this backward
+    gpu_done: Any = None  # CUDA event after a device step's results were copied back to the host
+    gpu_staging: Any = None  # CUDA event after a device step's stream copy was copied back
     grads_reported: bool = False
 
     @property
@@ -207,12 +212,15 @@ class ParamStreamer:
             as `.grad` but left where they land for the engine, each parameter's gradient norm is taken on the
             device before its copy, and there is no fp32 accumulator unless `accumulate`.
         accumulate: (lean) gradients of several micro-batches add up in host fp32 accumulators.
+        delayed: (lean) the layout of the one-step delayed update: every group streams from its own copy (fp32
+            groups get an fp32 stream copy apart from the master, which the engine updates while the copy is in
+            use) and keeps an fp32 stash of the gradient that the next step applies.
     """
 
     def __init__(self, units: Sequence[tuple[str, nn.Module]], device: torch.device, *, prefetch: int = 1,
                  pin_memory: bool = True, low_precision: torch.dtype | None = None,
                  keep: set[int] | None = None, shared: Iterable[str] = (), lean: bool = False,
-                 accumulate: bool = False) -> None:
+                 accumulate: bool = False, delayed: bool = False) -> None:
         if prefetch < 0:
             raise ValueError(f"ParamStreamer prefetch={prefetch}: must be >= 0")
         self.device = torch.device(device)
@@ -226,7 +234,9 @@ class ParamStreamer:
         self.shared = set(shared)
         self.lean = lean
         self.accumulate = accumulate
+        self.delayed = delayed and lean
         self.on_unit_grads: Callable[[StreamUnit], None] | None = None
+        self.device_grad_units: set[int] = set()  # units whose gradients stay on the device (GPU step window)
         self.units: list[StreamUnit] = []
         self.stats = StreamStats()
         self._slot: dict[int, tuple[StreamUnit, _Group, int]] = {}
@@ -295,9 +305,10 @@ class ParamStreamer:
         master_dtype = params[0].dtype
         if any(p.dtype != master_dtype for p in params):
             raise ValueError(f"ParamStreamer: unit {unit.name} mixes parameter dtypes in one stream group")
-        copied = dtype == master_dtype or not self.lean  # the lean layout pins only what crosses PCIe
+        own_copy = dtype != master_dtype or self.delayed
+        copied = not own_copy or not self.lean  # the lean layout pins only what crosses PCIe
         master = self._host_empty(unit, total, master_dtype, pin=copied).zero_()
-        staging = master if dtype == master_dtype else self._host_empty(unit, total, dtype).zero_()
+        staging = self._host_empty(unit, total, dtype).zero_() if own_copy else master
         device_flat = torch.empty(total, dtype=dtype, device=self.device)
         group = _Group(dtype=dtype, params=params, names=[n for n, _ in items], offsets=offsets, numel=total,
                        master=master, staging=staging, device_flat=device_flat)
@@ -320,6 +331,9 @@ class ParamStreamer:
                 group.grad32 = self._host_empty(unit, total, master_dtype).zero_()
             if self.accumulate:
                 group.acc = self._host_empty(unit, total, master_dtype, pin=False).zero_()
+            if self.delayed:
+                group.pending = self._host_empty(unit, total, master_dtype, pin=False).zero_()
+                group.pending_has = [False] * len(params)
         return group
 
     def _host_empty(self, unit: StreamUnit, numel: int, dtype: torch.dtype, pin: bool = True) -> Tensor:
@@ -433,6 +447,9 @@ class ParamStreamer:
             self._release(unit)
         if self.lean:
             self.await_unit(unit)
+        ready = unit.gpu_done if full else (unit.gpu_staging or unit.gpu_done)
+        if self.cuda and ready is not None:
+            self.h2d_stream.wait_event(ready)
         unit.full = full
         plan = []
         for g in unit.groups:
@@ -622,6 +639,9 @@ class ParamStreamer:
             return
         unit, g, i = slot
         self._note_backward()
+        if unit.index in self.device_grad_units:
+            self._keep_on_device(unit, g, i, p)
+            return
         target = g.target if g.target is not None else self._choose_target(unit, g)
         view = target[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape)
         grad = p.grad
@@ -644,6 +664,21 @@ class ParamStreamer:
             self._release(unit)
             if self.lean:
                 self._report_grads(unit)
+
+    def _keep_on_device(self, unit: StreamUnit, g: _Group, i: int, p: Tensor) -> None:
+        """GPU step window: the gradient stays on the device, upcast into the unit's fp32 device buffer."""
+        if g.dev_grad is None:
+            g.dev_grad = torch.zeros(g.numel, dtype=g.master.dtype, device=self.device)
+        grad = p.grad
+        g.norms[i] = self._norm(grad)
+        with torch.no_grad():
+            g.dev_grad[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape).copy_(grad)
+        p.grad = None
+        g.got_grad[i] = True
+        unit.pending.discard(id(p))
+        if not unit.pending:
+            unit.grads_done = True
+            self._release(unit)
 
     def _norm(self, grad: Tensor) -> Tensor:
         """The gradient's 2-norm in fp32 on the compute stream (on the CPU path from an fp32 copy, so it is the very
