@@ -164,13 +164,15 @@ def test_bad_arguments_fail_at_construction() -> None:
 
 
 class _RecomputeProbe(L.Callback):
-    """Once training starts (the streaming hooks are installed), records for every block call its logical layer, the
-    checkpoint phase, and whether each streamed parameter then sits in live compute storage rather than its master."""
+    """Once the streaming hooks are installed (and again for blocks a delink makes), records for every block call its
+    logical layer, the checkpoint phase, and whether each streamed parameter then sits in live compute storage rather
+    than in its host master."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str | None, bool, bool]] = []
+        self.hooked: set[int] = set()
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         from m6lit.model.block import checkpoint_phase
 
         streamer = trainer.strategy.streamer
@@ -185,24 +187,31 @@ class _RecomputeProbe(L.Callback):
             self.calls.append((int(args[4]), checkpoint_phase(), bool(streamed), live))
 
         for block in pl_module.model.blocks:
-            block.register_forward_pre_hook(record)
+            if id(block) not in self.hooked:
+                self.hooked.add(id(block))
+                block.register_forward_pre_hook(record)
 
 
-@pytest.mark.parametrize("overrides,offload,spec", [
-    pytest.param({}, HALF, "all", id="dense-and-moe"),
-    pytest.param({"num_unique_blocks": 2}, ["model.blocks.1"], [0, 1, 3], id="shared"),
+@pytest.mark.parametrize("overrides,offload,spec,delink", [
+    pytest.param({}, HALF, "all", False, id="dense-and-moe"),
+    pytest.param({"num_unique_blocks": 2}, ["model.blocks.1"], [0, 1, 3], False, id="shared"),
+    pytest.param({"num_unique_blocks": 1, "moe_layers": "all"}, ["model.blocks.[2-3]"], "all", True, id="delink"),
 ])
 def test_activation_checkpointing_with_offloaded_blocks_is_bitwise_identical(overrides: dict, offload: list[str],
-                                                                             spec) -> None:
+                                                                             spec, delink: bool) -> None:
     """Checkpointed offloaded blocks re-run in backward with their weights re-fetched into compute storage (not read
     from the host master), and training equals resident training without checkpointing bit for bit (the same kernels
-    on the same values in the same order), gradient accumulation and clipping included."""
+    on the same values in the same order), gradient accumulation and clipping included; with a delink at step 2
+    the new offloaded blocks are checkpointed too."""
+    def callbacks() -> list:
+        return [PseudoToReal(delink_step=2, optimizer_state="copy")] if delink else []
+
     reference = _module(**overrides)
-    _, ref = fit(reference, 4, gradient_clip_val=0.5, accumulate_grad_batches=2)
+    _, ref = fit(reference, 4, callbacks=callbacks(), gradient_clip_val=0.5, accumulate_grad_batches=2)
     module = _module(activation_checkpointing=spec, **overrides)
     probe, placement = _RecomputeProbe(), _Placement()
-    _, rec = fit(module, 4, strategy=SelectiveOffloadStrategy(offload=offload), callbacks=[probe, placement],
-                 gradient_clip_val=0.5, accumulate_grad_batches=2)
+    _, rec = fit(module, 4, strategy=SelectiveOffloadStrategy(offload=offload),
+                 callbacks=[*callbacks(), probe, placement], gradient_clip_val=0.5, accumulate_grad_batches=2)
     assert rec.rows == ref.rows
     assert _equal(_state(module), _state(reference))
     assert placement.checks and all(placement.checks), "nothing stays live after the step"
@@ -227,3 +236,27 @@ def test_exact_resume_with_activation_checkpointing_and_offload(tmp_path: Path) 
     assert resumed == full[3:]
     _, plain = fit(_module(), 6)
     assert plain.rows == full, "checkpointing changes no number"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_checkpointed_offloaded_blocks_refetch_and_match_bf16() -> None:
+    """On the GPU under bf16-mixed: the recompute of a checkpointed offloaded block runs on weights fetched back to
+    the GPU (a block still on the host would fail with a device mismatch), and training matches the same run
+    without checkpointing (the first step bitwise, then within bf16 tolerance)."""
+    def run(spec, callbacks=()) -> tuple[list[float], M6LitModule]:
+        module = _module(activation_checkpointing=spec, moe_layers="none", d_model=64, d_ff=128)
+        recorder = LossRecorder()
+        trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            strategy=SelectiveOffloadStrategy(offload=HALF), callbacks=[recorder, *callbacks],
+                            gradient_clip_val=0.5)
+        trainer.fit(module, loader())
+        return [loss for _, loss in recorder.rows], module
+
+    plain, _ = run(None)
+    probe = _RecomputeProbe()
+    checked, _ = run("all", [probe])
+    assert checked[0] == plain[0]
+    torch.testing.assert_close(torch.tensor(checked), torch.tensor(plain), rtol=2e-3, atol=2e-3)
+    recomputed = [(layer, live) for layer, phase, streamed, live in probe.calls if phase == "recompute" and streamed]
+    assert sorted({layer for layer, _ in recomputed}) == [1, 2] and all(live for _, live in recomputed)
