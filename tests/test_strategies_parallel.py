@@ -84,12 +84,25 @@ def test_fsdp2_distributed_checkpoint_resumes_exactly_across_a_delink(fsdp_run, 
     folder = out / "ckpt" / "step=2.ckpt"
     assert (folder / "meta.pt").is_file() and len(list(folder.glob("*.distcp"))) == 2
     # the resuming module is built shared (2 blocks); the checkpoint holds 4: rebuilt before sharding
-    resumed = _run(tmp_path, "fsdp", 4, M6LIT_CKPT=str(folder), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    # resumed with activation checkpointing (and offload patterns, a no-op on a CPU run): the same numbers
+    fsdp = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
+    resumed = _run(tmp_path, "fsdp", 4, M6LIT_CKPT=str(folder), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+                   M6LIT_FSDP=json.dumps(fsdp))
     for rank in (0, 1):
         assert resumed[rank]["blocks"] == 4
         assert resumed[rank]["losses"] == ranks[rank]["losses"][2:]
         for name, value in resumed[rank]["state"].items():
             assert torch.equal(value, ranks[rank]["state"][name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 CPU offload on two GPUs")
+def test_fsdp2_cpu_offload_on_two_gpus_matches_the_cpu_run(fsdp_run, tmp_path: Path) -> None:
+    _, cpu = fsdp_run
+    fsdp = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
+    gpu = _run(tmp_path, "fsdp", 4, M6LIT_ACCELERATOR="gpu", M6LIT_FSDP=json.dumps(fsdp))
+    for rank in (0, 1):
+        got = torch.tensor([loss for _, loss in gpu[rank]["losses"]])
+        torch.testing.assert_close(got, torch.tensor([loss for _, loss in cpu[rank]["losses"]]), rtol=0, atol=1e-4)
 
 
 def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:

@@ -154,12 +154,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         common = dict(mesh=mesh, mp_policy=self.mixed_precision_policy())
         modules = dict(lightning_module.named_modules())
         self.offloaded = resolve_offload(lightning_module, self.cpu_offload) if self.cpu_offload else []
+        # on a CPU-only run everything already lives on the host (and CPUOffloadPolicy needs an accelerator)
+        offload = [] if self.root_device.type == "cpu" else self.offloaded
         blocks = {id(b) for b in root.blocks}
-        for name in self.offloaded:
+        for name in offload:
             if id(modules[name]) not in blocks:  # part of a block: its own unit, inside the block's
                 fully_shard(modules[name], offload_policy=CPUOffloadPolicy(),
                             reshard_after_forward=self.reshard_after_forward, **common)
-        offloaded_blocks = {id(modules[n]) for n in self.offloaded}
+        offloaded_blocks = {id(modules[n]) for n in offload}
         for block in root.blocks:
             if self.activation_checkpointing:
                 checkpoint(block)
@@ -168,7 +170,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         fully_shard(root, **common)
         rank_zero_info(f"{type(self).__name__}: fully_shard over {mesh.size()} ranks: {len(root.blocks)} blocks + "
                        f"root, activation checkpointing {'on' if self.activation_checkpointing else 'off'}, "
-                       f"CPU offload {self.offloaded or 'none'}")
+                       f"CPU offload {offload or 'none'}")
 
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None

@@ -3,7 +3,7 @@ and, at the end, the full model state (run by tests/test_strategies_parallel.py)
 
 Environment: M6LIT_TEST_OUT (output folder), M6LIT_STRATEGY (fsdp | ep), M6LIT_STEPS, optional M6LIT_CKPT (resume
 from), M6LIT_CKPT_DIR (checkpoint every step there), M6LIT_CONFIG (json overrides of the tiny config),
-M6LIT_DELINK_STEP (add PseudoToReal).
+M6LIT_FSDP (json FSDP2Strategy arguments), M6LIT_ACCELERATOR (default cpu).
 """
 
 import json
@@ -30,14 +30,10 @@ def main() -> None:
     strategy = FSDP2Strategy(**json.loads(env.get("M6LIT_FSDP", "{}"))) if kind == "fsdp" else ExpertParallelStrategy()
     recorder = LossRecorder()
     callbacks = [recorder]
-    if env.get("M6LIT_DELINK_STEP"):
-        from m6lit.callbacks import PseudoToReal
-
-        callbacks.append(PseudoToReal(delink_step=int(env["M6LIT_DELINK_STEP"])))
     if env.get("M6LIT_CKPT_DIR"):
         callbacks.append(ModelCheckpoint(dirpath=env["M6LIT_CKPT_DIR"], every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=int(env["M6LIT_STEPS"]),
+    trainer = L.Trainer(accelerator=env.get("M6LIT_ACCELERATOR", "cpu"), devices=2, strategy=strategy, max_steps=int(env["M6LIT_STEPS"]),
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(env.get("M6LIT_CKPT_DIR")), deterministic=True,
                         use_distributed_sampler=False, callbacks=callbacks)
