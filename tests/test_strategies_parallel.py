@@ -5,7 +5,8 @@ tests/scripts/parallel_fit.py), against one process; the structural-change safet
   (FSDP2 reduce-scatters gradients in another summation order), final weights to 1e-5.
 - A distributed checkpoint resumes exactly (losses bitwise), into a module built with shared blocks (the
   checkpoint's delinked structure is rebuilt before sharding), and `m6lit export` reads the folder.
-- Expert parallel, 2 ranks × batch 4 == one process × batch 8: mean loss per step and final weights to 1e-6; the
+- Expert parallel, 2 ranks × batch 4 == one process × batch 8, with a delink mid-run: mean loss per step and final
+  weights to 1e-6; the
   checkpoint holds the full experts and their optimizer state (any expert-parallel size loads it).
 """
 
@@ -47,15 +48,15 @@ def _run(out: Path, strategy: str, steps: int, **extra: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def _reference(steps: int, batch: int, accumulate: int) -> tuple[list[float], dict]:
+def _reference(steps: int, batch: int, accumulate: int, callbacks: tuple = (), **config) -> tuple[list[float], dict]:
     torch.manual_seed(0)
-    module = M6LitModule(tiny_config(), warmup_steps=1)
+    module = M6LitModule(tiny_config(**config), warmup_steps=1)
     recorder = LossRecorder()
     loader = torch.utils.data.DataLoader(FixedPrefix(64), batch_size=batch, sampler=Interleaved(64, 2, 4),
                                          collate_fn=interleaved_loader(2).collate_fn)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, deterministic=True, callbacks=[recorder])
+                        enable_checkpointing=False, deterministic=True, callbacks=[recorder, *callbacks])
     trainer.fit(module, loader)
     # Lightning reports the accumulated (divided) loss of each micro-batch
     return [loss * accumulate for _, loss in recorder.rows], module.state_dict()
@@ -116,9 +117,13 @@ def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
         assert torch.equal(value, ranks[0]["state"][f"model.{name}"]), name
 
 
-def test_expert_parallel_two_ranks_match_one_process(tmp_path: Path) -> None:
-    ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"))
-    losses, state = _reference(3, batch=8, accumulate=1)
+def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: Path) -> None:
+    # 2 shared blocks delinked to 4 after step 2: the clones keep their expert slices, DDP is rebuilt
+    ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"), M6LIT_DELINK_STEP="2",
+                 M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    losses, state = _reference(3, batch=8, accumulate=1, callbacks=(PseudoToReal(delink_step=2),),
+                               num_unique_blocks=2)
+    assert ranks[0]["blocks"] == ranks[1]["blocks"] == 4
     mean = [(a[1] + b[1]) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=0, atol=1e-6)
     assert ranks[0]["losses"] != ranks[1]["losses"], "the ranks must see different data"

@@ -3,7 +3,8 @@ and, at the end, the full model state (run by tests/test_strategies_parallel.py)
 
 Environment: M6LIT_TEST_OUT (output folder), M6LIT_STRATEGY (fsdp | ep), M6LIT_STEPS, optional M6LIT_CKPT (resume
 from), M6LIT_CKPT_DIR (checkpoint every step there), M6LIT_CONFIG (json overrides of the tiny config),
-M6LIT_FSDP (json FSDP2Strategy arguments), M6LIT_ACCELERATOR (default cpu).
+M6LIT_FSDP (json FSDP2Strategy arguments), M6LIT_ACCELERATOR (default cpu), M6LIT_DELINK_STEP (add
+PseudoToReal).
 """
 
 import json
@@ -30,6 +31,10 @@ def main() -> None:
     strategy = FSDP2Strategy(**json.loads(env.get("M6LIT_FSDP", "{}"))) if kind == "fsdp" else ExpertParallelStrategy()
     recorder = LossRecorder()
     callbacks = [recorder]
+    if env.get("M6LIT_DELINK_STEP"):
+        from m6lit.callbacks import PseudoToReal
+
+        callbacks.append(PseudoToReal(delink_step=int(env["M6LIT_DELINK_STEP"])))
     if env.get("M6LIT_CKPT_DIR"):
         callbacks.append(ModelCheckpoint(dirpath=env["M6LIT_CKPT_DIR"], every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))
