@@ -178,10 +178,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         root = _sharded_root(self.lightning_module, type(self).__name__)
         if trainer.state.fn == TrainerFn.FITTING:
             refuse_scheduled_changes(self, trainer, _resumed_step(trainer), len(root.blocks))
+        # shard first (fully_shard moves each unit's shards to the device, or keeps offloaded ones on the host),
+        # then materialise meta-initialised shards and move what is left — never the whole model on one device
+        self.parallelize(self.lightning_module)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self.parallelize(self.lightning_module)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -215,9 +217,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                          optimizer_states_from_list=True, weights_only=True)
 
     def model_to_device(self) -> None:
-        """Move everything except the blocks FSDP2 keeps on the host (it moves the rest itself)."""
+        """Move what FSDP2 does not manage (the LightningModule's metrics); the sharded model stays where
+        fully_shard put it (a `.to()` would pull offloaded shards onto the device)."""
         assert self.model is not None
-        self.model.to(self.root_device)
+        root = _sharded_root(self.lightning_module, type(self).__name__)
+        for child in self.lightning_module.children():
+            if child is not root:
+                child.to(self.root_device)
 
     def on_parameters_changed(self, param_map: Any = None) -> None:
         from m6lit.callbacks.structure import describe_change
