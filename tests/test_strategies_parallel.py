@@ -5,7 +5,8 @@ tests/scripts/parallel_fit.py), against one process; the structural-change safet
   (FSDP2 reduce-scatters gradients in another summation order), final weights to 1e-5.
 - A distributed checkpoint resumes exactly (losses bitwise), into a module built with shared blocks (the
   checkpoint's delinked structure is rebuilt before sharding), and `m6lit export` reads the folder.
-- Expert parallel, 2 ranks × batch 4 == one process × batch 8: mean loss per step and final weights to 1e-6; the
+- Expert parallel, 2 ranks × batch 4 == one process × batch 8, with a delink mid-run: mean loss per step and final
+  weights to 1e-6; the
   checkpoint holds the full experts and their optimizer state (any expert-parallel size loads it).
 """
 
@@ -47,15 +48,15 @@ def _run(out: Path, strategy: str, steps: int, **extra: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def _reference(steps: int, batch: int, accumulate: int) -> tuple[list[float], dict]:
+def _reference(steps: int, batch: int, accumulate: int, callbacks: tuple = (), **config) -> tuple[list[float], dict]:
     torch.manual_seed(0)
-    module = M6LitModule(tiny_config(), warmup_steps=1)
+    module = M6LitModule(tiny_config(**config), warmup_steps=1)
     recorder = LossRecorder()
     loader = torch.utils.data.DataLoader(FixedPrefix(64), batch_size=batch, sampler=Interleaved(64, 2, 4),
                                          collate_fn=interleaved_loader(2).collate_fn)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, deterministic=True, callbacks=[recorder])
+                        enable_checkpointing=False, deterministic=True, callbacks=[recorder, *callbacks])
     trainer.fit(module, loader)
     # Lightning reports the accumulated (divided) loss of each micro-batch
     return [loss * accumulate for _, loss in recorder.rows], module.state_dict()
@@ -84,12 +85,25 @@ def test_fsdp2_distributed_checkpoint_resumes_exactly_across_a_delink(fsdp_run, 
     folder = out / "ckpt" / "step=2.ckpt"
     assert (folder / "meta.pt").is_file() and len(list(folder.glob("*.distcp"))) == 2
     # the resuming module is built shared (2 blocks); the checkpoint holds 4: rebuilt before sharding
-    resumed = _run(tmp_path, "fsdp", 4, M6LIT_CKPT=str(folder), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    # resumed with activation checkpointing (and offload patterns, a no-op on a CPU run): the same numbers
+    fsdp = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
+    resumed = _run(tmp_path, "fsdp", 4, M6LIT_CKPT=str(folder), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+                   M6LIT_FSDP=json.dumps(fsdp))
     for rank in (0, 1):
         assert resumed[rank]["blocks"] == 4
         assert resumed[rank]["losses"] == ranks[rank]["losses"][2:]
         for name, value in resumed[rank]["state"].items():
             assert torch.equal(value, ranks[rank]["state"][name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 CPU offload on two GPUs")
+def test_fsdp2_cpu_offload_on_two_gpus_matches_the_cpu_run(fsdp_run, tmp_path: Path) -> None:
+    _, cpu = fsdp_run
+    fsdp = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
+    gpu = _run(tmp_path, "fsdp", 4, M6LIT_ACCELERATOR="gpu", M6LIT_FSDP=json.dumps(fsdp))
+    for rank in (0, 1):
+        got = torch.tensor([loss for _, loss in gpu[rank]["losses"]])
+        torch.testing.assert_close(got, torch.tensor([loss for _, loss in cpu[rank]["losses"]]), rtol=0, atol=1e-4)
 
 
 def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
@@ -103,9 +117,13 @@ def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
         assert torch.equal(value, ranks[0]["state"][f"model.{name}"]), name
 
 
-def test_expert_parallel_two_ranks_match_one_process(tmp_path: Path) -> None:
-    ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"))
-    losses, state = _reference(3, batch=8, accumulate=1)
+def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: Path) -> None:
+    # 2 shared blocks delinked to 4 after step 2: the clones keep their expert slices, DDP is rebuilt
+    ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"), M6LIT_DELINK_STEP="2",
+                 M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    losses, state = _reference(3, batch=8, accumulate=1, callbacks=(PseudoToReal(delink_step=2),),
+                               num_unique_blocks=2)
+    assert ranks[0]["blocks"] == ranks[1]["blocks"] == 4
     mean = [(a[1] + b[1]) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=0, atol=1e-6)
     assert ranks[0]["losses"] != ranks[1]["losses"], "the ranks must see different data"

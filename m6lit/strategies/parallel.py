@@ -5,7 +5,8 @@
 (`torch.distributed._composable.checkpoint`, which keeps parameter names), FSDP2's own `CPUOffloadPolicy` for the
 blocks named by offload patterns (the offload strategy's pattern language, `resolve_offload`), and a
 `MixedPrecisionPolicy` from the trainer precision. Checkpoints are Lightning's distributed checkpoints (a folder);
-a resume rebuilds the checkpoint's structure (delinked blocks, expert shapes) before sharding.
+a resume restores before setup (as DDP does), so the module rebuilds the checkpoint's structure (delinked blocks,
+expert shapes) on the unsharded model, and the shards load once the model is sharded.
 
 `ExpertParallelStrategy` (short name `m6_ep`) is Lightning's `DDPStrategy` with the experts of every MoE layer sharded
 over the `expert` dimension of a DeviceMesh (`expert_data` × `expert`): dense parameters stay data-parallel under
@@ -53,14 +54,6 @@ def _sharded_root(lightning_module: nn.Module, strategy: str) -> nn.Module:
     return root
 
 
-def _read_checkpoint_meta(path: Union[str, Path]) -> dict[str, Any]:
-    """The non-tensor part of a Lightning checkpoint: a distributed-checkpoint folder's meta file, or a file."""
-    path = Path(path)
-    if path.is_dir():
-        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
 def _pending_structure_changes(trainer: Any, done_step: int, num_blocks: int) -> list[str]:
     """Structural changes that callbacks of this run will make after `done_step` (human-readable)."""
     from m6lit.callbacks import ExpertSplitMerge, PseudoToReal
@@ -88,15 +81,10 @@ def refuse_scheduled_changes(strategy: Any, trainer: Any, done_step: int, num_bl
                            f"structure is rebuilt before sharding).")
 
 
-def _rebuild_structure_for_resume(trainer: Any, lightning_module: Any) -> int:
-    """Before sharding: give the module the structure of the checkpoint it resumes from (its `on_load_checkpoint`,
-    which M6LitModule uses to delink / reshape experts before weights load). Returns the checkpoint's step."""
-    ckpt_path = getattr(trainer, "ckpt_path", None)
-    if not ckpt_path or trainer.state.fn != TrainerFn.FITTING:
-        return 0
-    meta = _read_checkpoint_meta(ckpt_path)
-    lightning_module.on_load_checkpoint(meta)
-    return int(meta.get("global_step", 0))
+def _resumed_step(trainer: Any) -> int:
+    """The global step of the checkpoint this fit restored (before setup), 0 for a fresh run."""
+    loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
+    return int(loaded.get("global_step", 0))
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -135,6 +123,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.cpu_offload = list(cpu_offload or [])
         self.reshard_after_forward = reshard_after_forward
         self.offloaded: list[str] = []
+        self._resume_path: Optional[Path] = None
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -165,12 +154,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         common = dict(mesh=mesh, mp_policy=self.mixed_precision_policy())
         modules = dict(lightning_module.named_modules())
         self.offloaded = resolve_offload(lightning_module, self.cpu_offload) if self.cpu_offload else []
+        # on a CPU-only run everything already lives on the host (and CPUOffloadPolicy needs an accelerator)
+        offload = [] if self.root_device.type == "cpu" else self.offloaded
         blocks = {id(b) for b in root.blocks}
-        for name in self.offloaded:
+        for name in offload:
             if id(modules[name]) not in blocks:  # part of a block: its own unit, inside the block's
                 fully_shard(modules[name], offload_policy=CPUOffloadPolicy(),
                             reshard_after_forward=self.reshard_after_forward, **common)
-        offloaded_blocks = {id(modules[n]) for n in self.offloaded}
+        offloaded_blocks = {id(modules[n]) for n in offload}
         for block in root.blocks:
             if self.activation_checkpointing:
                 checkpoint(block)
@@ -179,30 +170,60 @@ class FSDP2Strategy(ModelParallelStrategy):
         fully_shard(root, **common)
         rank_zero_info(f"{type(self).__name__}: fully_shard over {mesh.size()} ranks: {len(root.blocks)} blocks + "
                        f"root, activation checkpointing {'on' if self.activation_checkpointing else 'off'}, "
-                       f"CPU offload {self.offloaded or 'none'}")
+                       f"CPU offload {offload or 'none'}")
 
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        done_step = _rebuild_structure_for_resume(trainer, self.lightning_module)
         root = _sharded_root(self.lightning_module, type(self).__name__)
         if trainer.state.fn == TrainerFn.FITTING:
-            refuse_scheduled_changes(self, trainer, done_step, len(root.blocks))
+            refuse_scheduled_changes(self, trainer, _resumed_step(trainer), len(root.blocks))
+        # shard first (fully_shard moves each unit's shards to the device, or keeps offloaded ones on the host),
+        # then materialise meta-initialised shards and move what is left — never the whole model on one device
+        self.parallelize(self.lightning_module)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self.parallelize(self.lightning_module)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        if self._resume_path is not None:
+            self._load_sharded_state(self._resume_path)
+            self._resume_path = None
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore before setup, like DDP: the module's `on_load_checkpoint` rebuilds the checkpoint's structure
+        (delinked blocks, expert shapes) on the unsharded model; the shards are loaded at the end of setup."""
+        return False
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """The checkpoint's metadata (everything but weights and optimizer state, which load after sharding)."""
+        path = Path(self.broadcast(checkpoint_path))
+        self._resume_path = path
+        if path.is_dir():
+            return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+    def _load_sharded_state(self, path: Path) -> None:
+        from lightning.fabric.strategies.model_parallel import _load_checkpoint
+
+        state = {"state_dict": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
+        _load_checkpoint(path=path, state=state, strict=self.lightning_module.strict_loading,
+                         optimizer_states_from_list=True, weights_only=True)
 
     def model_to_device(self) -> None:
-        """Move everything except the blocks FSDP2 keeps on the host (it moves the rest itself)."""
+        """Move what FSDP2 does not manage (the LightningModule's metrics); the sharded model stays where
+        fully_shard put it (a `.to()` would pull offloaded shards onto the device)."""
         assert self.model is not None
-        self.model.to(self.root_device)
+        root = _sharded_root(self.lightning_module, type(self).__name__)
+        for child in self.lightning_module.children():
+            if child is not root:
+                child.to(self.root_device)
 
     def on_parameters_changed(self, param_map: Any = None) -> None:
         from m6lit.callbacks.structure import describe_change
@@ -258,10 +279,9 @@ class ExpertParallelStrategy(DDPStrategy):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, self.expert_names)
 
     def setup(self, trainer: Any) -> None:
-        done_step = _rebuild_structure_for_resume(trainer, self.lightning_module) if trainer.ckpt_path else 0
         if trainer.state.fn == TrainerFn.FITTING:
             root = _sharded_root(self.lightning_module, type(self).__name__)
-            refuse_scheduled_changes(self, trainer, done_step, len(root.blocks))
+            refuse_scheduled_changes(self, trainer, _resumed_step(trainer), len(root.blocks))
         self._shard()
         super().setup(trainer)
 

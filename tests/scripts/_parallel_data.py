@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from _fakes import ContractBatches, collate
 from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 BATCH = 4
 
@@ -37,8 +38,10 @@ class Interleaved(Sampler):
 
 
 def rank_loader(rank: int, world: int, batch: int = BATCH, size: int = 64) -> DataLoader:
-    """What rank `rank` of `world` reads (samples rank, rank + world, ...), as DistributedSampler(shuffle=False)."""
-    return DataLoader(FixedPrefix(size), batch_size=batch, sampler=list(range(rank, size, world)), collate_fn=collate)
+    """What rank `rank` of `world` reads (samples rank, rank + world, ...), as DistributedSampler(shuffle=False);
+    resumable (Lightning saves its position), so a resumed run continues with the next batch."""
+    return StatefulDataLoader(FixedPrefix(size), batch_size=batch, sampler=list(range(rank, size, world)),
+                              collate_fn=collate)
 
 
 def interleaved_loader(world: int, batch: int = BATCH, size: int = 64) -> DataLoader:

@@ -3,7 +3,8 @@ and, at the end, the full model state (run by tests/test_strategies_parallel.py)
 
 Environment: M6LIT_TEST_OUT (output folder), M6LIT_STRATEGY (fsdp | ep), M6LIT_STEPS, optional M6LIT_CKPT (resume
 from), M6LIT_CKPT_DIR (checkpoint every step there), M6LIT_CONFIG (json overrides of the tiny config),
-M6LIT_DELINK_STEP (add PseudoToReal).
+M6LIT_FSDP (json FSDP2Strategy arguments), M6LIT_ACCELERATOR (default cpu), M6LIT_DELINK_STEP (add
+PseudoToReal).
 """
 
 import json
@@ -37,7 +38,7 @@ def main() -> None:
     if env.get("M6LIT_CKPT_DIR"):
         callbacks.append(ModelCheckpoint(dirpath=env["M6LIT_CKPT_DIR"], every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=int(env["M6LIT_STEPS"]),
+    trainer = L.Trainer(accelerator=env.get("M6LIT_ACCELERATOR", "cpu"), devices=2, strategy=strategy, max_steps=int(env["M6LIT_STEPS"]),
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(env.get("M6LIT_CKPT_DIR")), deterministic=True,
                         use_distributed_sampler=False, callbacks=callbacks)
