@@ -83,6 +83,7 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     assert metric(rows, "p2r/num_unique_blocks") == {20: 4.0}
     assert len(metric(rows, "train/loss")) >= 6
     assert list((run / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
+    assert list((run / "files" / "media" / "images" / "val").glob("sample_images_*.png"))  # inside the run folder
 
 
 def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
