@@ -109,6 +109,20 @@ def _explicit_config_keys(argv: list[str]) -> list[str]:
     return keys
 
 
+def _strategy_short_name_with_options(argv: list[str]) -> list[str]:
+    """`--trainer.strategy m6_offload --trainer.strategy.<option> ...`: a registered short name is a plain string to
+    the parser, which then has nowhere to put the options; name the class instead, so the options apply."""
+    if not any(a.startswith("--trainer.strategy.") for a in argv):
+        return argv
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--trainer.strategy" and i + 1 < len(out) and out[i + 1] == "m6_offload":
+            out[i + 1] = "m6lit.strategies.SelectiveOffloadStrategy"
+        elif token == "--trainer.strategy=m6_offload":
+            out[i] = "--trainer.strategy=m6lit.strategies.SelectiveOffloadStrategy"
+    return out
+
+
 def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"m6lit: error: {message}\n")
     sys.exit(2)
@@ -127,7 +141,7 @@ class M6CLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("parser_class", M6ArgumentParser)
-        kwargs.setdefault("parser_kwargs", {"description": (
+        kwargs.setdefault("parser_kwargs", {"prog": "m6lit", "description": (
             "m6lit: train M6-style multimodal MoE models with Lightning. Subcommands: fit, validate, test, predict "
             "(Lightning's), and `m6lit export` (a checkpoint to a Hugging Face folder) and `m6lit plan` (memory and "
             "offload estimate for a config); `m6lit <subcommand> --help` lists each one's options.")})
@@ -185,7 +199,8 @@ class M6CLI(LightningCLI):
         try:
             checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as err:  # torch raises zip, pickle and runtime errors alike for a damaged file
-            _fail(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: {err})")
+            _fail(f"--ckpt_path {path}: cannot be read as a checkpoint (damaged, truncated, or not written by "
+                  f"torch.save: {type(err).__name__})")
         if not isinstance(checkpoint, dict):
             _fail(f"--ckpt_path {path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
         hparams = checkpoint.get("hyper_parameters", {})
@@ -332,7 +347,7 @@ def main(args: Optional[list[str]] = None) -> None:
         if class_path is not None and class_path.split(".")[-1] == ImageTokenizerModule.__name__:
             TokenizerCLI(args=args)
             return
-        M6CLI(args=args)
+        M6CLI(args=_strategy_short_name_with_options(argv))
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("M6LIT_TRACEBACK") or not _raised_by_m6lit(err):
             raise

@@ -44,9 +44,20 @@ def run_cli(*args: str, runs: str = "runs") -> Path:
     return run
 
 
-def write_overrides(path: Path, **trainer: object) -> Path:
-    path.write_text(yaml.safe_dump({"trainer": trainer}))
+def write_overrides(path: Path, top: dict | None = None, **trainer: object) -> Path:
+    path.write_text(yaml.safe_dump({"trainer": trainer, **(top or {})}))
     return path
+
+
+def run_raw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m m6lit ...` as a user types it; returns the finished process (any exit status)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **OFFLINE_ENV)
+    return subprocess.run([sys.executable, "-m", "m6lit", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=cwd)
+
+
+TINY = ["--model.config.d_model", "64", "--model.config.d_ff", "128", "--model.config.expert_d_ff", "64",
+        "--data.batch_size", "8", "--data.val", '[{"kind": "demo", "num_samples": 16, "seed": 1}]']
 
 
 SHORT = ["--data.batch_size", "16", "--data.val", '[{"kind": "demo", "num_samples": 48, "seed": 1}]']
@@ -54,9 +65,9 @@ SHORT = ["--data.batch_size", "16", "--data.val", '[{"kind": "demo", "num_sample
 
 def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) -> None:
     overrides = write_overrides(
-        tmp_path / "short.yaml", max_steps=40, val_check_interval=20, log_every_n_steps=5,
-        callbacks=[{"class_path": "m6lit.callbacks.PseudoToReal", "init_args": {"delink_step": 20}},
-                   {"class_path": "m6lit.callbacks.CaptionSamples", "init_args": {"num_samples": 2}}])
+        tmp_path / "short.yaml", {"pseudo_to_real": {"delink_step": 20}}, max_steps=40, val_check_interval=20,
+        log_every_n_steps=5, callbacks=[{"class_path": "m6lit.callbacks.CaptionSamples",
+                                         "init_args": {"num_samples": 2}}])
     run = run_cli("fit", "--config", str(DEMO), "--config", str(overrides), *SHORT)
 
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -72,16 +83,17 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     assert metric(rows, "p2r/num_unique_blocks") == {20: 4.0}
     assert len(metric(rows, "train/loss")) >= 6
     assert list((run / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
+    assert list((run / "files" / "media" / "images" / "val").glob("sample_images_*.png"))  # inside the run folder
 
 
 def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
     tiny = ["--model.config.d_model", "64", "--model.config.d_ff", "128", "--model.config.expert_d_ff", "64",
             "--data.batch_size", "8", "--data.val", '[{"kind": "demo", "num_samples": 16, "seed": 1}]']
-    delink_at_6 = [{"class_path": "m6lit.callbacks.PseudoToReal", "init_args": {"delink_step": 6}}]
-    full = write_overrides(tmp_path / "full.yaml", max_steps=10, val_check_interval=5, log_every_n_steps=1,
-                           callbacks=delink_at_6)
-    part = write_overrides(tmp_path / "part.yaml", max_steps=4, val_check_interval=5, log_every_n_steps=1,
-                           callbacks=delink_at_6)
+    delink_at_6 = {"pseudo_to_real": {"delink_step": 6}}
+    full = write_overrides(tmp_path / "full.yaml", delink_at_6, max_steps=10, val_check_interval=5,
+                           log_every_n_steps=1)
+    part = write_overrides(tmp_path / "part.yaml", delink_at_6, max_steps=4, val_check_interval=5,
+                           log_every_n_steps=1)
 
     runs = [run_cli("fit", "--config", str(DEMO), "--config", str(full), *tiny, "--checkpoint.dirpath", "full",
                     runs="runs_full"),
@@ -91,6 +103,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) ->
             run_cli("fit", "--config", str(DEMO), "--config", str(full), *tiny, "--checkpoint.dirpath", "part",
                     "--ckpt_path", "last", runs="runs_part")]
 
+    assert runs[2].name.split("-")[-1] == runs[1].name.split("-")[-1], "the resume must continue the W&B run"
     uninterrupted, first, resumed = (metric(read_history(r), "train/loss") for r in runs)
     assert sorted(uninterrupted) == list(range(10))
     assert sorted(resumed) == list(range(4, 10))
@@ -104,11 +117,10 @@ def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Pat
     tiny = ["--model.config.d_model", "64", "--model.config.d_ff", "128", "--model.config.expert_d_ff", "64",
             "--data.batch_size", "8", "--data.val", '[{"kind": "demo", "num_samples": 16, "seed": 1}]']
     run_cli("fit", "--config", str(DEMO), "--config",
-            str(write_overrides(tmp_path / "o.yaml", max_steps=4, val_check_interval=2, log_every_n_steps=1,
-                                num_sanity_val_steps=0,
-                                callbacks=[{"class_path": "m6lit.callbacks.PseudoToReal",
-                                            "init_args": {"delink_step": 3}}])),
-            *tiny, "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1")
+            str(write_overrides(tmp_path / "o.yaml", {"pseudo_to_real": {"delink_step": 3}}, max_steps=4,
+                                val_check_interval=2, log_every_n_steps=1, num_sanity_val_steps=0)),
+            *tiny, "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
+            "--checkpoint.monitor", "null")
     pseudo, real = tmp_path / "checkpoints" / "step0000002.ckpt", tmp_path / "checkpoints" / "step0000004.ckpt"
     assert torch.load(pseudo, weights_only=True)["hyper_parameters"]["config"]["num_unique_blocks"] == 2
     assert torch.load(real, weights_only=True)["hyper_parameters"]["config"]["num_unique_blocks"] == 4
@@ -118,8 +130,10 @@ def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Pat
         assert 0 < loss < 10
     run_cli("predict", "--config", str(DEMO), *tiny, "--model.max_new_tokens", "6", "--ckpt_path", str(real),
             runs="runs_predict")
-    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "predictions.jsonl").exists()  # in the run's log directory, not the working directory
+    lines = [json.loads(line) for line in (tmp_path / "runs_predict" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and sorted(line["index"] for line in lines) == list(range(8))
+    assert sorted(line["origin"] for line in lines) == sorted(f"demo(seed=2)[{i}]" for i in range(8))
     assert all(line["reference"] and len(line["caption"].encode()) <= 6 for line in lines)
 
 
@@ -148,6 +162,103 @@ def test_console_script_and_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "m6lit", "--help"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout and "validate" in out.stdout
+    assert "m6lit export" in out.stdout and "m6lit plan" in out.stdout
+
+
+def test_model_config_options_have_help_text() -> None:
+    out = run_raw("fit", "--help")
+    assert out.returncode == 0
+    help_text = " ".join(out.stdout.split())
+    for option, words in (("d_model", "hidden size"), ("num_unique_blocks", "physical blocks"),
+                          ("dropout", "dropout probability")):
+        assert f"--model.config.{option} {option.upper()} {words}" in help_text, option
+
+
+def test_print_config_shows_every_injected_default() -> None:
+    out = run_raw("fit", "--config", str(DEMO), "--print_config")
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+    assert printed["checkpoint"]["monitor"] == "val/loss" and printed["checkpoint"]["save_last"] is True
+    assert "refresh_rate" in printed["progress_bar"] and printed["predictions"]["output_path"]
+    assert printed["pseudo_to_real"]["delink_step"] == 150
+
+
+def test_lightning_flags_switch_the_defaults_off_and_fast_dev_run_leaves_no_checkpoint(tmp_path: Path) -> None:
+    short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--pseudo_to_real.delink_step", "1"]
+    out = run_raw("fit", "--config", str(DEMO), *TINY, *short, "--trainer.enable_checkpointing", "false",
+                  "--trainer.enable_progress_bar", "false", "--trainer.logger", "false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "runs").exists()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"placeholder": True}, tmp_path / "checkpoints" / "last.ckpt")
+    out = run_raw("fit", "--config", str(DEMO), *TINY, "--trainer.fast_dev_run", "true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+def test_final_step_reaches_last_ckpt_delink_step_from_the_command_line_and_val_loss_is_monitored(
+        tmp_path: Path) -> None:
+    # 5 steps, validation every 2: Lightning alone would leave last.ckpt at step 4
+    run_cli("fit", "--config", str(DEMO), *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "2",
+            "--trainer.num_sanity_val_steps", "0", "--pseudo_to_real.delink_step", "3")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 5
+    assert ckpt["hyper_parameters"]["config"]["num_unique_blocks"] == 4  # delinked at step 3
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["monitor"] == "val/loss" and float(state["best_model_score"]) > 0
+    best = Path(state["best_model_path"])
+    assert best.name in ("step0000002.ckpt", "step0000004.ckpt") and best.is_file()
+
+
+def test_m6_offload_takes_its_options_on_the_command_line() -> None:
+    for name in ("m6_offload", "SelectiveOffloadStrategy"):
+        out = run_raw("fit", "--config", str(DEMO), "--trainer.strategy", name,
+                      "--trainer.strategy.offload", '["model.blocks.1"]', "--trainer.strategy.prefetch", "2",
+                      "--print_config")
+        assert out.returncode == 0, out.stderr
+        strategy = yaml.safe_load(out.stdout)["trainer"]["strategy"]
+        assert strategy["class_path"].endswith("SelectiveOffloadStrategy")
+        assert strategy["init_args"]["offload"] == ["model.blocks.1"] and strategy["init_args"]["prefetch"] == 2
+
+
+def _short_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    error = [line for line in lines if "error:" in line]
+    assert error and "Traceback" not in out.stderr and "usage:" not in out.stderr, out.stderr[-3000:]
+    assert len(lines) <= 8, out.stderr
+    for needle in needles:
+        assert needle in out.stderr, (needle, out.stderr)
+
+
+def test_config_and_data_errors_are_one_short_message_naming_the_culprit(tmp_path: Path) -> None:
+    _short_error(run_raw("fit", "--config", str(DEMO), "--model.config.num_experst", "8"), "num_experst")
+    _short_error(run_raw("fit", "--config", str(DEMO), "--data.train", '[{"kind": "jsonl", "path": "nope.jsonl"}]'),
+                 "JSONL manifest not found: nope.jsonl")
+    _short_error(run_raw("fit", "--config", str(DEMO), "--data.train",
+                         '[{"kind": "webdataset", "path": "shards/x-{0..1}.tar"}]'),
+                 "WebDataset shard not found: shards/x-0.tar")
+    _short_error(run_raw("fit", "--config", str(DEMO), "--model.config.max_seq_len", "15"),
+                 "model.config.max_seq_len (15)", "model.config.patch_size")
+    (tmp_path / "bad.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    _short_error(run_raw("validate", "--config", str(DEMO), "--ckpt_path", "bad.ckpt"), "--ckpt_path bad.ckpt")
+    _short_error(run_raw("validate", "--config", str(DEMO), "--ckpt_path", "missing.ckpt"),
+                 "--ckpt_path missing.ckpt: no such checkpoint file")
+
+
+def test_model_config_overrides_against_a_checkpoint(tmp_path: Path) -> None:
+    config = M6Config(d_model=64, d_ff=128, expert_d_ff=64, num_layers=4, num_unique_blocks=2, moe_layers="all",
+                      num_experts=4, image_size=48, patch_size=16, max_seq_len=224).__dict__
+    torch.save({"hyper_parameters": {"config": dict(config)}}, tmp_path / "small.ckpt")
+    out = run_raw("validate", "--config", str(DEMO), "--ckpt_path", "small.ckpt", "--model.config.d_model", "96",
+                  "--model.config.num_experts", "8", "--model.config.dropout", "0.1")
+    _short_error(out, "d_model=96 (checkpoint: 64)", "num_experts=8 (checkpoint: 4)")
+    assert "dropout" not in out.stderr.split("structure:")[1]
+    # a non-structural override is applied and reported (the placeholder checkpoint then fails to load weights)
+    out = run_raw("validate", "--config", str(DEMO), "--ckpt_path", "small.ckpt", "--model.config.dropout", "0.1",
+                  "--model.config.d_model", "64")
+    assert "applying dropout=0.1 (checkpoint: 0.0)" in out.stderr, out.stderr[-3000:]
 
 
 def test_ci_runs_the_readme_test_command() -> None:

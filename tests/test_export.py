@@ -620,3 +620,11 @@ def test_push_without_network_fails_cleanly_with_the_folder_complete(run: dict[s
         assert secret.encode() not in file.read_bytes(), file.name
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert len(model.model.blocks) == 4
+
+
+def test_export_folder_has_the_umask_mode_not_0700(run: dict[str, Path]) -> None:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert run["real"].stat().st_mode & 0o777 == 0o777 & ~mask

@@ -41,7 +41,8 @@ def prompts_from_batch(batch: dict[str, Tensor], limit: int, pad_token_id: int =
 
 class CaptionSamples(Callback):
     """Generate for the first `num_samples` rows of the first validation batch (image rows first) and log
-    image / prompt / generated / reference as a W&B table (`val/samples`); other loggers get console lines.
+    row / prompt / generated / reference as a W&B table (`val/samples`) and the images, captioned with their row and
+    generated text, as `val/sample_images` (PNGs inside the run folder); the console gets the first four rows.
 
     Args:
         num_samples: rows to caption.
@@ -97,13 +98,17 @@ class CaptionSamples(Callback):
         self.last_rows = rows
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if wandb_loggers:
-            import wandb
-
-            data = [[wandb.Image(r["image"]) if r["image"] is not None else None, r["prompt"], r["generated"],
-                     r["reference"]] for r in rows]
+            # Images go through log_image, which writes PNGs into the run folder; inside a table they would be
+            # staged outside it (W&B's artifact staging) and the offline run would not be complete as it stands.
+            with_image = [(i, r) for i, r in enumerate(rows) if r["image"] is not None]
+            data = [[i, r["prompt"], r["generated"], r["reference"]] for i, r in enumerate(rows)]
             for lg in wandb_loggers:
-                lg.log_table(key="val/samples", columns=["image", "prompt", "generated", "reference"], data=data,
+                lg.log_table(key="val/samples", columns=["row", "prompt", "generated", "reference"], data=data,
                              step=trainer.global_step)
+                if with_image:
+                    lg.log_image(key="val/sample_images", images=[r["image"] for _, r in with_image],
+                                 caption=[f"row {i}: {r['generated']}" for i, r in with_image],
+                                 step=trainer.global_step)
         for r in rows[:4]:
             rank_zero_info(f"[step {trainer.global_step}] {r['prompt']!r} → {r['generated']!r} "
                            f"(reference {r['reference']!r})")

@@ -42,8 +42,39 @@ class M6Config:
     `num_experts` / `top_k` / `expert_d_ff`, one `{block, num_experts, top_k, expert_d_ff, segments}` entry each
     (missing keys take the global value). `m6lit.model.experts` writes them; they are structural state, so a
     checkpoint rebuilds the right shapes, and `delink` gives each cloned block its source block's entry.
-    Activation checkpointing: `activation_checkpointing` None (off), "all" or a list of logical layers whose block
-    activations are recomputed in backward instead of saved (logical layers, so a delink or expert split keeps it).
+
+    Attributes:
+        vocab_size: embedding rows (the CLI sets it from the tokenizer).
+        d_model: hidden size.
+        n_heads: attention heads (divide d_model).
+        d_ff: hidden size of the dense feed-forward layers.
+        num_layers: logical transformer layers.
+        num_unique_blocks: physical blocks the layers share (Pseudo Giant); null = one per layer (real model).
+        sharing_layout: how layers map to shared blocks: "cycle" (i mod K) or "stack" (i div L/K).
+        moe_layers: which layers are MoE: "all", "none", every n-th (an int), or a list of layers.
+        num_experts: experts per MoE layer.
+        top_k: experts each token is routed to.
+        router: "topk" (softmax then top-k) or "prototype" (M6-T k-top-1 over top_k expert groups).
+        router_norm_topk: renormalise the top-k gate weights to sum to 1.
+        expert_d_ff: hidden size of each expert; null = d_ff.
+        capacity_factor: expert capacity as a multiple of the even share; null = dropless.
+        balance_loss_coef: weight of the load-balancing auxiliary loss.
+        z_loss_coef: weight of the router z-loss.
+        image_size: square image side in pixels.
+        patch_size: image patch side in pixels (image_size must be a multiple).
+        in_channels: image channels.
+        max_seq_len: longest sequence (image patches + text tokens).
+        dropout: dropout probability.
+        tie_embeddings: share the token embedding with the LM head.
+        norm_eps: epsilon of the RMS norms.
+        init_std: standard deviation of the weight initialisation.
+        pad_token_id: padding id (the CLI sets it from the tokenizer).
+        eos_token_id: end-of-sequence id (the CLI sets it from the tokenizer).
+        expert_overrides: per-block expert shapes written by expert split/merge (structural state; not set by hand).
+        activation_checkpointing: null (off), "all" or a list of logical layers whose block activations are
+            recomputed in backward instead of saved (logical layers, so a delink or expert split keeps it).
+        image_codebook_size: image-code vocabulary size (0 = no image generation; set from data.image_tokenizer).
+        image_grid_size: side of the image-code grid (codes per image = its square).
     """
 
     vocab_size: int = 384

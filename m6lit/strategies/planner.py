@@ -670,7 +670,10 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.micro_batch_tokens or batch * config.max_seq_len
     prefetch = args.prefetch if args.prefetch is not None else int(strategy_args.get("prefetch", 1))
     stages = [("as configured", root)]
-    target = _delink_target(trainer.get("callbacks"), config.num_layers)
+    p2r = cfg.get("pseudo_to_real") or {}  # the CLI's own key; older configs list the callback in trainer.callbacks
+    target = _delink_target([*(trainer.get("callbacks") or []),
+                             *([{"class_path": "PseudoToReal", "init_args": p2r}]
+                               if p2r.get("delink_step") or p2r.get("schedule") else [])], config.num_layers)
     if target is not None and target != config.num_unique_blocks:
         stages.append((f"after delink to {target} blocks", _meta_root({**model_cfg, "num_unique_blocks": target})))
     for title, stage_root in stages:
