@@ -264,6 +264,12 @@ def test_generate_ignores_the_eos_a_default_tokenization_appends(saved: tuple[M6
                     attention_mask=torch.cat([left["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1))
     out = loaded.generate(**with_eos, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(out[:, 6:], ref)  # same width as the given prompt, then m6lit's continuation
+    full = _prompts(lengths=(4, 4, 4))
+    ref = model.generate(**full, max_new_tokens=6, eos_token_id=-1)
+    ids = torch.cat([full["input_ids"], torch.full((3, 1), EOS)], 1)  # no attention_mask at all
+    out = loaded.generate(ids, pixel_values=full["pixel_values"], max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(out[:, 5:], ref)
 
 
 # ------------------------------------------------------------------------------------------------ HF utilities

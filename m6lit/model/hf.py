@@ -256,7 +256,9 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if input_ids is not None:
             inputs = None
             input_ids, mask = drop_final_eos(input_ids, mask, self.config.eos_token_id, self.config.pad_token_id)
-            kwargs.update(input_ids=input_ids, attention_mask=mask)
+            kwargs["input_ids"] = input_ids
+            if mask is not None:
+                kwargs["attention_mask"] = mask
             b, t = input_ids.shape
             if mask is not None and bool((mask[:, -1] == 0).any()):
                 raise ValueError("generate: attention_mask has padding in its last column (right padding); pad "
