@@ -18,10 +18,13 @@ def test_quick_run_writes_stamped_results(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "text_to_image_quick.json").read_text())
     assert result["quick"] is True and result["torch"] and result["device"] == "cpu"
     assert result["scene_parser"]["renders (parser check)"]["exact"] == 1.0
-    for key in ("reconstructions (ceiling)", "unconditional", "conditional, guidance 1",
-                "conditional, guidance 1, rerank 2", "shuffled prompts (guidance 1)"):
-        assert key in result["scene_parser"] or key.replace("1", str(result["best_guidance"]).rstrip(".0")) in \
-            result["scene_parser"], key
+    names = list(result["scene_parser"])
+    assert {"reconstructions (ceiling)", "unconditional", "conditional, guidance 1", "conditional, guidance 3"} <= set(
+        names)
+    assert any(n.endswith("rerank 2") for n in names) and any(n.startswith("shuffled prompts") for n in names)
+    for row in result["scene_parser"].values():
+        assert set(row) == {"background", "cell", "color", "shape", "size", "exact"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
     assert set(result["guidance_sweep"]) == {"1.0", "3.0"}
     assert all("fid" in row and "kid" in row for row in result["fid_kid"].values())
     assert (tmp_path / "text_to_image_quick.png").stat().st_size > 0
