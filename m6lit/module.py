@@ -482,9 +482,10 @@ class M6LitModule(LightningModule):
         if image_codes is None:
             raise ValueError("image generation needs data.image_tokenizer (the data module has no image tokenizer)")
         tokenizer = datamodule.tokenizer
-        if getattr(self, "_image_decoder", None) is None:
-            self._image_decoder = copy.deepcopy(image_codes.tokenizer)
-        decoder = self._image_decoder.to(self.device)
+        if self.__dict__.get("_image_decoder") is None:
+            # kept outside the module tree: the frozen tokenizer belongs to the data, not to checkpoints
+            self.__dict__["_image_decoder"] = copy.deepcopy(image_codes.tokenizer)
+        decoder = self.__dict__["_image_decoder"].to(self.device)
 
         def encode(text: str) -> list[int]:
             return list(tokenizer.encode(text, add_special_tokens=False))
