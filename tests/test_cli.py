@@ -56,7 +56,8 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     overrides = write_overrides(
         tmp_path / "short.yaml", max_steps=40, val_check_interval=20, log_every_n_steps=5,
         callbacks=[{"class_path": "m6lit.callbacks.PseudoToReal", "init_args": {"delink_step": 20}},
-                   {"class_path": "m6lit.callbacks.CaptionSamples", "init_args": {"num_samples": 2}}])
+                   {"class_path": "m6lit.callbacks.CaptionSamples", "init_args": {"num_samples": 2}},
+                   {"class_path": "m6lit.callbacks.CaptionAccuracy", "init_args": {"num_samples": 4}}])
     run = run_cli("fit", "--config", str(DEMO), "--config", str(overrides), *SHORT)
 
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -72,6 +73,8 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     assert metric(rows, "p2r/num_unique_blocks") == {20: 4.0}
     assert len(metric(rows, "train/loss")) >= 6
     assert list((run / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
+    for attribute in ("background", "count", "kind", "color", "size", "position", "exact"):
+        assert sorted(metric(rows, f"val/caption/all/{attribute}")) == [19, 39]
 
 
 def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
