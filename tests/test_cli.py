@@ -67,7 +67,9 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     overrides = write_overrides(
         tmp_path / "short.yaml", {"pseudo_to_real": {"delink_step": 20}}, max_steps=40, val_check_interval=20,
         log_every_n_steps=5, callbacks=[{"class_path": "m6lit.callbacks.CaptionSamples",
-                                         "init_args": {"num_samples": 2}}])
+                                         "init_args": {"num_samples": 2}},
+                                        {"class_path": "m6lit.callbacks.CaptionAccuracy",
+                                         "init_args": {"num_samples": 4}}])
     run = run_cli("fit", "--config", str(DEMO), "--config", str(overrides), *SHORT)
 
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -84,6 +86,8 @@ def test_demo_fit_trains_delinks_checkpoints_and_logs_offline(tmp_path: Path) ->
     assert len(metric(rows, "train/loss")) >= 6
     assert list((run / "files" / "media" / "table" / "val").glob("samples_*.table.json"))
     assert list((run / "files" / "media" / "images" / "val").glob("sample_images_*.png"))  # inside the run folder
+    for attribute in ("background", "count", "kind", "color", "size", "position", "exact"):
+        assert sorted(metric(rows, f"val/caption/all/{attribute}")) == [19, 39]
 
 
 def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:

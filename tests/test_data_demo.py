@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from m6lit.data.datamodule import ImageTextDataModule
-from m6lit.data.demo import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, DemoImageText
+from m6lit.data.demo import (BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, DemoImageText, DemoScene, DemoShape,
+                             ParsedCaption, ParsedShape, caption_scene, parse_caption, score_caption)
 from m6lit.data.sources import SourceSpec
 from m6lit.data.tasks import TaskMix
 from m6lit.model import M6Config, token_stats
@@ -65,6 +66,46 @@ def test_caption_mentions_every_shape_attribute() -> None:
             else:
                 words = [SHAPES[shape.kind], SIZES[shape.size][1], COLORS[shape.color][1], POSITIONS[shape.cell][1]]
             assert all(w in text for w in words), (text, words)
+
+
+@pytest.mark.parametrize("max_shapes", [1, 3, 9])
+def test_parse_caption_inverts_caption_scene(max_shapes: int) -> None:
+    for seed in (0, 1):
+        data = DemoImageText(600, seed=seed, max_shapes=max_shapes)
+        for i in range(600):
+            scene = data.scene(i)
+            text = caption_scene(scene)
+            shapes = tuple(ParsedShape(s.kind, s.color, s.size, s.cell) for s in scene.shapes)
+            assert parse_caption(text) == ParsedCaption(scene.background, shapes, scene.language), text
+            assert all(correct == checked for correct, checked in score_caption(scene, text).values())
+
+
+def test_every_template_and_word_round_trips() -> None:
+    """Each template of each language, with every kind, colour, size, cell and background."""
+    for language in ("en", "zh"):
+        for template in range(4):
+            for k, (kind, color, size) in enumerate(zip(list(SHAPES) * 2, COLORS, list(SIZES) * 3)):
+                shapes = (DemoShape(kind, color, size, k % 9), DemoShape("cross", "orange", "large", 8 - k % 2))
+                scene = DemoScene(list(BACKGROUNDS)[k % 3], shapes, language, template, False)
+                parsed = parse_caption(caption_scene(scene))
+                assert parsed.background == scene.background and parsed.language == language
+                assert parsed.shapes == tuple(ParsedShape(s.kind, s.color, s.size, s.cell) for s in shapes)
+    captions = {caption_scene(DemoScene("white", shapes[:1], lang, t, False)) for lang in ("en", "zh")
+                for t in range(4)}
+    assert len(captions) == 8 and all(("white" in c) or ("白色" in c) for c in captions)  # all name the background
+
+
+def test_parse_caption_reads_what_a_garbled_caption_legibly_says() -> None:
+    assert parse_caption("a large orange circle in") == ParsedCaption(
+        None, (ParsedShape("circle", "orange", "large", None),), "en")
+    assert parse_caption("there is a small blue star at the top and a red on a black background") == ParsedCaption(
+        "black", (ParsedShape("star", "blue", "small", 1), ParsedShape(None, "red", None, None)), "en")
+    assert parse_caption("灰色背景上，右下角有一个的紫色形。") == ParsedCaption(
+        "gray", (ParsedShape(None, "purple", None, 8),), "zh")
+    assert parse_caption("") == ParsedCaption(None, (), "en")
+    scene = DemoScene("white", (DemoShape("circle", "orange", "large", 0),), "en", 0, False)
+    assert score_caption(scene, "a large orange circle in") == {
+        "background": (0, 1), "count": (1, 1), "kind": (1, 1), "color": (1, 1), "size": (1, 1), "position": (0, 1)}
 
 
 def test_shape_sits_in_its_grid_cell() -> None:

@@ -1,5 +1,6 @@
 """m6lit callbacks: they orchestrate pure model functions during training."""
 
+from m6lit.callbacks.caption_accuracy import CaptionAccuracy
 from m6lit.callbacks.expert_split_merge import ExpertEvent, ExpertSplitMerge
 from m6lit.callbacks.images import ImageSamples, ImageWriter
 from m6lit.callbacks.moe_monitor import MoEMonitor
@@ -7,5 +8,5 @@ from m6lit.callbacks.predictions import CaptionWriter
 from m6lit.callbacks.pseudo_to_real import DelinkEvent, PseudoToReal
 from m6lit.callbacks.samples import CaptionSamples
 
-__all__ = ["CaptionSamples", "CaptionWriter", "DelinkEvent", "ExpertEvent", "ExpertSplitMerge", "ImageSamples",
-           "ImageWriter", "MoEMonitor", "PseudoToReal"]
+__all__ = ["CaptionAccuracy", "CaptionSamples", "CaptionWriter", "DelinkEvent", "ExpertEvent", "ExpertSplitMerge",
+           "ImageSamples", "ImageWriter", "MoEMonitor", "PseudoToReal"]

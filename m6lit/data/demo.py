@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "BACKGROUNDS",
+    "CAPTION_ATTRIBUTES",
     "COLORS",
     "POSITIONS",
     "SHAPES",
@@ -25,8 +27,12 @@ __all__ = [
     "DemoImageText",
     "DemoScene",
     "DemoShape",
+    "ParsedCaption",
+    "ParsedShape",
     "caption_scene",
+    "parse_caption",
     "render_scene",
+    "score_caption",
 ]
 
 Language = Literal["en", "zh", "both"]
@@ -123,29 +129,128 @@ def _join_en(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+#: English caption templates (index = ``DemoScene.template``); every one names the background.
+EN_TEMPLATES: tuple[str, ...] = (
+    "{list} on a {bg} background",
+    "there is {list} on a {bg} background",
+    "an image of {list} on a {bg} background",
+    "a {bg} background with {list}",
+)
+#: Chinese caption templates: (shape phrase, lead before the listing, tail after it); every one names the background.
+ZH_TEMPLATES: tuple[tuple[str, str, str], ...] = (
+    ("{pos}有一个{size}的{color}{kind}", "{bg}背景上，", "。"),
+    ("一个{size}的{color}{kind}在{pos}", "", "，背景是{bg}。"),
+    ("{pos}是{size}的{color}{kind}", "{bg}背景上，", "。"),
+    ("{pos}有一个{size}的{color}{kind}", "图中是{bg}背景，", "。"),
+)
+
+
 def caption_scene(scene: DemoScene) -> str:
-    """Describe ``scene`` in its language with its template: every shape's size, colour, kind and position."""
+    """Describe ``scene`` in its language with its template: the background and every shape's size, colour, kind
+    and position (shapes in the scene's order). :func:`parse_caption` inverts it."""
     if scene.language == "en":
-        parts = [f"a {s.size} {s.color} {s.kind} {POSITIONS[s.cell][0]}" for s in scene.shapes]
-        listing = _join_en(parts)
-        templates = [
-            "{list}",
-            "there is {list}",
-            "an image of {list} on a {bg} background",
-            "a {bg} background with {list}",
-        ]
-        return templates[scene.template % len(templates)].format(list=listing, bg=scene.background)
-    words = [(POSITIONS[s.cell][1], SIZES[s.size][1], COLORS[s.color][1], SHAPES[s.kind]) for s in scene.shapes]
-    if scene.template % 4 == 0:
-        body, lead = "，".join(f"{pos}有一个{size}的{color}{kind}" for pos, size, color, kind in words), ""
-    elif scene.template % 4 == 1:
-        body, lead = "，".join(f"一个{size}的{color}{kind}在{pos}" for pos, size, color, kind in words), ""
-    elif scene.template % 4 == 2:
-        body = "，".join(f"{pos}是{size}的{color}{kind}" for pos, size, color, kind in words)
-        lead = f"{BACKGROUNDS[scene.background][1]}背景上，"
-    else:
-        body, lead = "，".join(f"{pos}有一个{size}的{color}{kind}" for pos, size, color, kind in words), "图中"
-    return f"{lead}{body}。"
+        listing = _join_en([f"a {s.size} {s.color} {s.kind} {POSITIONS[s.cell][0]}" for s in scene.shapes])
+        return EN_TEMPLATES[scene.template % len(EN_TEMPLATES)].format(list=listing, bg=scene.background)
+    phrase, lead, tail = ZH_TEMPLATES[scene.template % len(ZH_TEMPLATES)]
+    body = "，".join(phrase.format(pos=POSITIONS[s.cell][1], size=SIZES[s.size][1], color=COLORS[s.color][1],
+                                   kind=SHAPES[s.kind]) for s in scene.shapes)
+    bg = BACKGROUNDS[scene.background][1]
+    return lead.format(bg=bg) + body + tail.format(bg=bg)
+
+
+@dataclass(frozen=True)
+class ParsedShape:
+    """What a caption says about one shape; ``None`` where the phrase does not say it (or not legibly)."""
+
+    kind: str | None = None
+    color: str | None = None
+    size: str | None = None
+    cell: int | None = None
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    """The scene attributes a caption names: background (``None`` if not named) and shape phrases in order."""
+
+    background: str | None
+    shapes: tuple[ParsedShape, ...]
+    language: Literal["en", "zh"]
+
+
+def _alternation(words: list[str]) -> str:
+    """Regex alternation of ``words``, longest first (so no word matches as a prefix of a longer one)."""
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+_EN_WORDS = {
+    "size": {w: w for w in SIZES},
+    "color": {w: w for w in COLORS},
+    "kind": {w: w for w in SHAPES},
+    "cell": {phrase: cell for cell, (phrase, _) in enumerate(POSITIONS)},
+}
+_ZH_WORDS = {
+    "size": {zh + "的": w for w, (_, zh) in SIZES.items()},
+    "color": {zh: w for w, (_, zh) in COLORS.items()},
+    "kind": {zh: w for w, zh in SHAPES.items()},
+    "cell": {zh: cell for cell, (_, zh) in enumerate(POSITIONS)},
+}
+_EN_BACKGROUND = re.compile(rf"\b({_alternation(list(BACKGROUNDS))}) background\b")
+_ZH_BACKGROUND = re.compile(rf"(?:({_alternation([zh for _, zh in BACKGROUNDS.values()])})背景|背景是"
+                            rf"({_alternation([zh for _, zh in BACKGROUNDS.values()])}))")
+_ZH_BG_WORDS = {zh: w for w, (_, zh) in BACKGROUNDS.items()}
+_EN_PHRASE = re.compile(r"\ban? (?!image\b)(?!(?:" + _alternation(list(BACKGROUNDS)) + r") background\b)")
+
+
+def _read_phrase(phrase: str, words: dict[str, dict[str, str | int]]) -> ParsedShape:
+    """The first size, colour, kind and position word found in ``phrase`` (each independently)."""
+    found: dict[str, str | int | None] = {}
+    for field, table in words.items():
+        match = re.search(_alternation(list(table)), phrase)
+        found[field] = table[match.group(0)] if match else None
+    return ParsedShape(**found)  # type: ignore[arg-type]
+
+
+def parse_caption(text: str) -> ParsedCaption:
+    """Read the scene attributes back from a demo caption (true or generated): deterministic, never raises.
+
+    The language is Chinese if the text has a CJK character. Shape phrases are split where the templates join
+    them (English: each ``a``/``an`` that starts a shape; Chinese: ``，``), and each attribute is the first known
+    word of its kind in its phrase, so a garbled or cut-off caption still yields what it legibly says. On every
+    caption :func:`caption_scene` writes, this recovers the scene's background and shapes exactly.
+    """
+    if any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        match = _ZH_BACKGROUND.search(text)
+        background = _ZH_BG_WORDS[match.group(1) or match.group(2)] if match else None
+        body = _ZH_BACKGROUND.sub("", text)
+        phrases = [p for p in re.split(r"[，,。]", body) if p.strip()]
+        shapes = tuple(_read_phrase(p, _ZH_WORDS) for p in phrases)
+        shapes = tuple(s for s in shapes if s != ParsedShape())
+        return ParsedCaption(background, shapes, "zh")
+    match = _EN_BACKGROUND.search(text)
+    background = match.group(1) if match else None
+    body = _EN_BACKGROUND.sub("", text)
+    starts = [m.start() for m in _EN_PHRASE.finditer(body)]
+    phrases = [body[a:b] for a, b in zip(starts, [*starts[1:], len(body)])]
+    shapes = tuple(_read_phrase(p, _EN_WORDS) for p in phrases)
+    return ParsedCaption(background, tuple(s for s in shapes if s != ParsedShape()), "en")
+
+
+#: attributes :func:`score_caption` checks: per scene the background and the shape count, per shape the rest.
+CAPTION_ATTRIBUTES: tuple[str, ...] = ("background", "count", "kind", "color", "size", "position")
+
+
+def score_caption(scene: DemoScene, text: str) -> dict[str, tuple[int, int]]:
+    """``{attribute: (correct, checked)}`` for a caption of ``scene``: background and shape count once per scene;
+    kind, colour, size and position once per shape of the scene, compared with the caption's shape phrase at the
+    same place in the listing (shapes are listed in cell order), so a missing phrase counts as wrong."""
+    parsed = parse_caption(text)
+    score = {"background": (int(parsed.background == scene.background), 1),
+             "count": (int(len(parsed.shapes) == len(scene.shapes)), 1)}
+    said = list(parsed.shapes) + [ParsedShape()] * max(0, len(scene.shapes) - len(parsed.shapes))
+    for attribute, field in (("kind", "kind"), ("color", "color"), ("size", "size"), ("position", "cell")):
+        correct = sum(getattr(s, field) == getattr(p, field) for s, p in zip(scene.shapes, said))
+        score[attribute] = (correct, len(scene.shapes))
+    return score
 
 
 class DemoImageText(Dataset):
