@@ -38,23 +38,10 @@ from m6lit.data.sources import SourceSpec  # noqa: E402
 from m6lit.model import M6Config  # noqa: E402
 from m6lit.model.flops import training_flops  # noqa: E402
 
+from stamp import stamp  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STORED_SIDE = 256
-
-
-def stamp() -> dict[str, Any]:
-    """Where and with what these numbers were measured."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        rev, dirty = "unknown", False
-    return {"git_rev": rev + ("+dirty" if dirty else ""), "torch": torch.__version__, "host": platform.node(),
-            "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def model_configs() -> dict[str, M6Config]:

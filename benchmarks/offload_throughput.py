@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m6lit.model import M6Config, M6Model, lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
+from stamp import stamp  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "offload_throughput.json"
 RECIPE = ROOT / "configs" / "offload-12b.yaml"
 PEAK_BF16 = 989e12  # H200 SXM dense bf16 datasheet figure
@@ -86,19 +88,6 @@ def host_rss() -> tuple[int, int]:
                 key, value = line.split(":")
                 values[key] = int(value.split()[0]) * 1024
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
-
-
-def stamp() -> dict:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        rev, dirty = "unknown", False
-    return {"git_rev": rev + ("-dirty" if dirty else ""), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "host_cores": os.cpu_count(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def recipe_config(quick: bool) -> tuple[M6Config, int, str]:

@@ -48,27 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m6lit.model import M6Config  # noqa: E402
 from m6lit.model.flops import training_flops, training_flops_per_token  # noqa: E402
 
+from stamp import stamp  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_DATASHEET = 989e12
 PEAK_MEASURED = 790e12
 DEFAULT_CASES = ("gpt", "dense", "moe", "pseudo")
 ALL_CASES = DEFAULT_CASES + ("dense_compiled", "images")
-
-
-def stamp() -> dict[str, Any]:
-    """Where and with what these numbers were measured."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        rev, dirty = "unknown", False
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"git_rev": rev + ("+dirty" if dirty else ""), "torch": torch.__version__, "device": device,
-            "host": platform.node(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # ------------------------------------------------------------------------------------------------ shapes
