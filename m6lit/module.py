@@ -228,9 +228,10 @@ class M6LitModule(LightningModule):
         unknown = sorted(set(given) - set(TASKS))
         if unknown:
             raise ValueError(f"model.task_loss_weights: unknown task(s) {unknown}; tasks are {list(TASKS)}")
-        weighted, means, counts = per_task_loss(logits, batch["labels"], batch["task_ids"],
-                                                [float(given.get(t, 1.0)) for t in TASKS])
-        for task, mean, count in zip(TASKS, means, counts.tolist()):
+        weights = [float(given.get(t, 1.0)) for t in TASKS]
+        with torch.set_grad_enabled(bool(given) and torch.is_grad_enabled()):  # logging only: no graph kept
+            weighted, means, counts = per_task_loss(logits, batch["labels"], batch["task_ids"], weights)
+        for task, mean, count in zip(TASKS, means.detach(), counts.tolist()):
             if count > 0:
                 self.log(f"train/loss_{task}", mean, batch_size=int(count))
         return weighted if given else lm_loss(logits, batch["labels"])
