@@ -134,7 +134,6 @@ class M6LitModule(LightningModule):
         self.test_nll = MeanMetric()
         self.test_acc = MeanMetric()
         self._batch_start: Optional[float] = None
-        self._positions = 0
         self._host_counts: tuple[int, int, int, int] = (0, 0, 0, 0)  # samples, text tokens, image patches, width
         self._window: deque[tuple[float, int, int, float]] = deque(maxlen=THROUGHPUT_WINDOW + 1)
         self._first_step_logged = False
@@ -279,7 +278,6 @@ class M6LitModule(LightningModule):
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)
             self.log("train/balance_loss", out.balance_loss, batch_size=bs)
             self.log("train/z_loss", out.z_loss, batch_size=bs)
-        self._positions = self._host_counts[1] + self._host_counts[2]
         return loss
 
     # ------------------------------------------------------------------ non-finite loss guard
