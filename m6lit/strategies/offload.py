@@ -365,6 +365,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.drain()
         self._works.clear()
         self._window = None
+        self._window_state.clear()
         if self.streamer is not None:
             self.streamer.device_grad_units = set()
             self.streamer.release_all()
@@ -907,6 +908,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         Unlike Lightning's default this does not copy the resident parameters and optimizer state to the CPU: with
         the offloaded state already filling host memory, that copy is what runs the host out of memory (call
         `.cpu()` on the module yourself when the GPU copy must go)."""
+        self.drain()
         if self.engine is not None:
             self.engine.close()
             self.engine = None
