@@ -38,6 +38,7 @@ from m6lit.data.sources import SourceSpec  # noqa: E402
 from m6lit.model import M6Config  # noqa: E402
 from m6lit.model.flops import training_flops  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m6lit.model import M6Config, M6Model, lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "offload_throughput.json"

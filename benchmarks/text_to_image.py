@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,8 @@ from m6lit.model.image_generation import caption_log_likelihood, generate_image_
 from m6lit.model.image_tokenizer import ImageTokenizer, tokenizer_config  # noqa: E402
 from m6lit.model.image_vocab import ImageVocab  # noqa: E402
 from m6lit.model.task_loss import per_task_loss  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import stamp  # noqa: E402
 
 SIZE = 48
 PALETTE = [*BACKGROUNDS, *COLORS]  # names; backgrounds first
@@ -350,14 +351,6 @@ def metrics_png(path: Path, table: dict[str, dict[str, float]], sweep: dict[floa
     plt.close(fig)
 
 
-def git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -480,8 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best = max(table[f"conditional, guidance {best_scale:g}"]["exact"],
                table[f"conditional, guidance {best_scale:g}, rerank {args.candidates}"]["exact"])
     result = {
-        "benchmark": "text_to_image", "quick": args.quick, "git_revision": git_revision(),
-        "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "benchmark": "text_to_image", "quick": args.quick, **stamp(),
         "args": vars(args), "wall_seconds": time.perf_counter() - t0, "tokenizer": tok_info,
         "model": {k: v for k, v in model_info.items()} | {"config": config.to_dict()},
         "gate_reconstructions_exact_ge_0.99": gate, "best_guidance": best_scale,

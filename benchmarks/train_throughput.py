@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m6lit.model import M6Config  # noqa: E402
 from m6lit.model.flops import training_flops, training_flops_per_token  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stamp import stamp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -19,7 +19,7 @@ def test_quick_run_writes_stamped_results(tmp_path: Path) -> None:
                            "bd", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert {"git_rev", "torch", "device"} <= data.keys() and data["device"] == "cpu"
+    assert {"git_rev", "torch", "device"} <= data.keys() and data["device"].startswith("CPU")
     cases = data["cases"]
     assert set(cases) == {f"b:{mode}:clip={clip}" for mode in ("exact", "backward", "delayed") for clip in (0, 1.0)} \
         | {"b:window:clip=1.0", "d:-:clip=0", "d:-:clip=1.0"}, cases.keys()
