@@ -67,7 +67,23 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def _default_optimizer(params: Iterable[Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    """AdamW lr 3e-4, betas (0.9, 0.95), wd 0.1; its fused kernel when every parameter is on CUDA (one launch per
+    step, and a non-finite step is skipped on the device: see `M6LitModule.on_before_optimizer_step`)."""
+    groups = list(params)
+    on_cuda = all(p.is_cuda for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
+    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=on_cuda or None)
+    if on_cuda:
+        # fused AdamW could unscale fp16 gradients itself, and Lightning then refuses gradient clipping; without
+        # that claim a GradScaler unscales first, as for any optimizer (bf16 has no scaler at all)
+        optimizer._step_supports_amp_scaling = False
+    return optimizer
+
+
+def skips_nonfinite_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` honours a `found_inf` tensor (fused Adam/AdamW: the update is skipped on the device,
+    step counters included, when it is non-zero), so a non-finite gradient needs no host read before the step."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.param_groups) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 class M6LitModule(LightningModule):
@@ -140,6 +156,7 @@ class M6LitModule(LightningModule):
         self._peak: Optional[float] = None
         self._bad_loss_step: Optional[Tensor] = None
         self._bad_loss_value: Optional[Tensor] = None
+        self._bad_grad_step: Optional[Tensor] = None
         self._total_steps_cache: Optional[int] = None
         self.lr_multipliers: list[Callable[[int], float]] = []
 
@@ -301,13 +318,18 @@ class M6LitModule(LightningModule):
         read of the device flag). Runs on logging steps before the backward, before every checkpoint is written
         and at the end of training; a non-finite loss between those reads gives non-finite gradients, which
         `on_before_optimizer_step` refuses before the optimizer steps."""
-        if self._bad_loss_step is None:
-            return
-        step = int(self._bad_loss_step)
-        if step >= 0:
-            raise FloatingPointError(
-                f"non-finite training loss ({float(self._bad_loss_value)}) at global step {step}; stopping — the "
-                f"last saved checkpoint is untouched")
+        if self._bad_loss_step is not None:
+            step = int(self._bad_loss_step)
+            if step >= 0:
+                raise FloatingPointError(
+                    f"non-finite training loss ({float(self._bad_loss_value)}) at global step {step}; stopping — "
+                    f"the last saved checkpoint is untouched")
+        if self._bad_grad_step is not None:
+            step = int(self._bad_grad_step)
+            if step >= 0:
+                raise FloatingPointError(
+                    f"non-finite gradient at global step {step}; the optimizer skipped that update; stopping — the "
+                    f"last saved checkpoint is untouched")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite_loss()
@@ -389,24 +411,43 @@ class M6LitModule(LightningModule):
             self.log("lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), prog_bar=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global gradient norm and refuse to step on a non-finite one (the parameters, and so the last
-        checkpoint, stay good). A strategy that already has the norm (`total_grad_norm()`, e.g. the offload strategy,
-        whose offloaded gradients are not host tensors here) supplies it; otherwise it is computed here."""
+        """Log the global gradient norm and refuse to apply a step whose gradients are non-finite (the parameters,
+        and so the last checkpoint, stay good).
+
+        A strategy that already has the norm (`total_grad_norm()`, e.g. the offload strategy, whose offloaded
+        gradients are not host tensors here) supplies it; otherwise it is computed here. With a fused Adam/AdamW
+        the refusal happens on the device (`found_inf`: the update is skipped) and the step is named when the
+        metrics are next read (logging steps, checkpoint writes, the end of training); with any other optimizer
+        the norm is read on the host before every step."""
         strategy = getattr(getattr(self, "_trainer", None), "strategy", None)
         norm = strategy.total_grad_norm() if callable(getattr(strategy, "total_grad_norm", None)) else None
+        from_strategy = norm is not None
+        target = getattr(optimizer, "_optimizer", optimizer)
         if norm is None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if not grads:
+                if hasattr(target, "found_inf"):
+                    del target.found_inf
                 return
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        self.log("train/grad_norm", norm, batch_size=1)
+        if not from_strategy and skips_nonfinite_on_device(target):
+            bad = ~torch.isfinite(norm.detach())
+            target.found_inf = bad.to(torch.float32)
+            if self._bad_grad_step is None or self._bad_grad_step.device != bad.device:
+                self._bad_grad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
+            self._bad_grad_step = torch.where(bad & (self._bad_grad_step < 0), self.global_step,
+                                              self._bad_grad_step)
+            if self._reads_metrics_now():
+                self.check_finite_loss()
+            return
         if not bool(torch.isfinite(norm)):
             finder = getattr(strategy, "first_nonfinite_grad", None)
-            bad = (finder() if callable(finder) else None) or next((name for name, p in self.named_parameters()
-                               if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a gradient")
+            bad_name = (finder() if callable(finder) else None) or next((name for name, p in self.named_parameters()
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a gradient")
             raise FloatingPointError(
-                f"non-finite gradient (first in {bad}) at global step {self.global_step}; stopping before the "
+                f"non-finite gradient (first in {bad_name}) at global step {self.global_step}; stopping before the "
                 f"optimizer step — the last saved checkpoint is untouched")
-        self.log("train/grad_norm", norm, batch_size=1)
 
     def _eval_step(self, batch: dict[str, Tensor], nll_metric: MeanMetric, acc_metric: MeanMetric) -> None:
         out = self.model(batch)

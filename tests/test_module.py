@@ -102,6 +102,34 @@ def test_non_finite_loss_flag_is_read_before_a_checkpoint_is_written(tmp_path: P
     assert not (tmp_path / "step=4.ckpt").exists()
 
 
+class _Snapshot(L.Callback):
+    """Parameters after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_fused_adamw_skips_a_non_finite_step_on_the_device_and_names_it_later(tmp_path: Path) -> None:
+    """With a fused AdamW the gradient guard reads nothing on the host: the bad step's update is skipped by the
+    optimizer itself (found_inf), training goes on to the next read of the flags (here the checkpoint write after
+    that step), which names the step; no parameter ever holds a non-finite value."""
+    torch.manual_seed(0)
+    module = M6LitModule(tiny_config(), warmup_steps=2,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True))
+    snapshot = _Snapshot()
+    with pytest.raises(FloatingPointError, match="non-finite gradient at global step 3; the optimizer skipped"):
+        fit(module, 10, callbacks=[_Poison(3, "grad"), snapshot], dirpath=tmp_path, log_every_n_steps=50)
+    assert sorted(snapshot.after) == [1, 2, 3, 4]
+    for name, value in snapshot.after[4].items():  # the update of step 3 was not applied
+        assert torch.equal(value, snapshot.after[3][name]), name
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 def test_config_dict_hparams_rebuild_from_checkpoint(tmp_path: Path) -> None:
     module = _module(num_unique_blocks=2)
     fit(module, 1, dirpath=tmp_path)

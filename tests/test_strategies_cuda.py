@@ -73,7 +73,8 @@ class _Probe(L.Callback):
             res = [p for n, p in pl_module.named_parameters() if not n.startswith(names)]
             self.placement = {
                 "offloaded on host": bool(off) and all(p.device.type == "cpu" for p in off),
-                "offloaded pinned": all(p.is_pinned() for p in off),
+                # lean host layout: what is copied (the bf16 stream copies) is pinned, the fp32 masters are not
+                "stream copies pinned": all(g.staging.is_pinned() for u in streamer.units for g in u.groups),
                 "resident on GPU": all(p.device.type == "cuda" for p in res),
                 "buffers on GPU": all(b.device.type == "cuda" for b in pl_module.buffers()),
             }
