@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     longest = max(len(c) for c in train_caps + eval_caps)
     config = M6Config(vocab_size=vocab.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
                       d_ff=4 * args.d_model, num_layers=args.num_layers, image_size=SIZE, patch_size=16,
-                      max_seq_len=-(-(len(prompts["generate"]) + longest + vocab.num_codes + 2) // 8) * 8 + 8,
+                      max_seq_len=-(-(len(prompts["generate"]) + longest + vocab.num_codes + 2) // 8) * 8 + 8
+                      + (SIZE // 16) ** 2,  # a mixed batch pads its text to the longest row, beside the patches
                       image_codebook_size=args.codebook_size, image_grid_size=tok.grid_size,
                       pad_token_id=int(text_tok.pad_token_id), eos_token_id=int(text_tok.eos_token_id))
     data = {"captions": train_caps, "codes": train_codes, "pixels": train_pixels, "vocab": vocab,
