@@ -285,9 +285,10 @@ class TokenizerCLI(M6CLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
                              "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 

@@ -133,10 +133,6 @@ class PseudoToReal(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or not self.active:
             return
-        others = [c for c in trainer.callbacks if isinstance(c, PseudoToReal) and c is not self and c.active]
-        if others:
-            raise ValueError("PseudoToReal is configured twice (e.g. under `pseudo_to_real` and in "
-                             "trainer.callbacks); keep one")
         config = pl_module.model.config
         if self.delink_step is not None:
             self.events = [DelinkEvent(self.delink_step, config.num_layers)]
