@@ -289,7 +289,9 @@ class M6LitModule(LightningModule):
         if self._reads_metrics_now():
             self.check_finite_loss()
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", lm, prog_bar=True, batch_size=bs)
+        # not `prog_bar`: Lightning turns progress-bar values into Python numbers after every batch (a host sync);
+        # M6ProgressBar shows the loss from the logged metrics, read on logging steps
+        self.log("train/loss", lm, batch_size=bs)
         self.log("train/ppl", torch.exp(lm.detach()), batch_size=bs)
         if out.moe_stats:
             self.log("train/aux_loss", out.aux_loss, batch_size=bs)

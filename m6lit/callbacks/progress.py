@@ -2,10 +2,15 @@
 
 With `max_steps` set, Lightning runs with `max_epochs=-1` and the rich bar would read "Epoch 0/-2"; this one names the step
 budget instead ("Train (max_steps 300)"). Metrics use three significant digits, so a learning rate of 3e-4 does not print as 0.000.
+The training loss is shown from the logged metrics and refreshed on logging steps only, so the bar reads nothing
+back from the GPU between them.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 
@@ -22,6 +27,16 @@ class M6ProgressBar(RichProgressBar):
     def __init__(self, refresh_rate: int = 1, leave: bool = True, metrics_format: str = ".3g") -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave,
                          theme=RichProgressBarTheme(metrics_format=metrics_format))
+        self._loss: float | None = None
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and (self._loss is None or trainer._logger_connector.should_update_logs):
+            self._loss = float(loss)
+        if self._loss is not None:
+            items["train/loss"] = self._loss
+        return items
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer
