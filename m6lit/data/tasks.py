@@ -37,6 +37,7 @@ from transformers import ByT5Tokenizer, PreTrainedTokenizerBase
 
 from ..model.processing import image_to_tensor as _image_to_tensor
 from ..model.image_generation import CAPTION_PROMPT, GENERATE_PROMPT
+from ..model.image_vocab import ImageVocab
 from .sources import BadSampleError, OnBadSample, handle_bad_sample, worker_info
 from .tokenizer import sentinel_ids
 
@@ -131,32 +132,36 @@ def span_corrupt(
 
 class ImageCodes:
     """Pixels → the ``generate`` target: begin-of-image, the frozen image tokenizer's codes as vocabulary ids,
-    end-of-image. ``tokenizer`` is a transformers ``JanusVQVAE`` (see ``m6lit.model.image_tokenizer``)."""
+    end-of-image, in the id layout of :class:`m6lit.model.image_vocab.ImageVocab`. ``tokenizer`` is a transformers
+    ``JanusVQVAE`` (see ``m6lit.model.image_tokenizer``)."""
 
     def __init__(self, tokenizer: Any, text_vocab_size: int) -> None:
         self.tokenizer = tokenizer
-        self.text_vocab_size = text_vocab_size
-        self.codebook_size = int(tokenizer.config.num_embeddings)
-        self.grid_size = int(tokenizer.config.num_patches)
+        self.vocab = ImageVocab(text_vocab_size, int(tokenizer.config.num_embeddings),
+                                int(tokenizer.config.num_patches))
 
     @property
-    def boi(self) -> int:
-        return self.text_vocab_size
+    def text_vocab_size(self) -> int:
+        return self.vocab.text_vocab_size
 
     @property
-    def eoi(self) -> int:
-        return self.text_vocab_size + 1
+    def codebook_size(self) -> int:
+        return self.vocab.codebook_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.vocab.grid_size
 
     @property
     def vocab_size(self) -> int:
         """Text ids + begin/end-of-image + codes."""
-        return self.text_vocab_size + 2 + self.codebook_size
+        return self.vocab.vocab_size
 
     def target(self, pixel_values: torch.Tensor) -> list[int]:
         """``[BOI, codes + offset..., EOI]`` of one image ``[3, S, S]``."""
         with torch.no_grad():
             codes = self.tokenizer.encode(pixel_values.unsqueeze(0)).image_tokens.view(-1)
-        return [self.boi, *(codes + self.text_vocab_size + 2).tolist(), self.eoi]
+        return [self.vocab.boi, *(codes + self.vocab.code_offset).tolist(), self.vocab.eoi]
 
 
 class ExampleBuilder:

@@ -212,6 +212,19 @@ def init_state(optimizer: torch.optim.Optimizer, p: Tensor, master: Tensor, amsg
     return state
 
 
+def fused_adam_step(hyper: GroupHyper, items: Sequence[tuple[Tensor, Tensor, dict[str, Tensor]]]) -> None:
+    """One fused Adam/AdamW step (torch's own kernel) over `(param, grad, state)` triples that share the group
+    hyperparameters `hyper`; the state holds `exp_avg`, `exp_avg_sq`, `step` (and `max_exp_avg_sq` with amsgrad)."""
+    adam_functional(
+        [p for p, _, _ in items], [g for _, g, _ in items], [s["exp_avg"] for _, _, s in items],
+        [s["exp_avg_sq"] for _, _, s in items],
+        [s["max_exp_avg_sq"] for _, _, s in items] if hyper.amsgrad else [],
+        [s["step"] for _, _, s in items], foreach=False, capturable=False, differentiable=False,
+        fused=True, grad_scale=None, found_inf=None, has_complex=False,
+        decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
+        beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps, maximize=hyper.maximize)
+
+
 class UnitWork:
     """The host-side kernels of one unit's gradients and step (run on the engine's thread)."""
 
@@ -279,16 +292,7 @@ class UnitWork:
             state = plan.optimizer.state[p]
             by_group.setdefault(id(hyper), (hyper, []))[1].append((master, grad, state))
         for hyper, items in by_group.values():
-            masters = [m for m, _, _ in items]
-            adam_functional(
-                masters, [gr for _, gr, _ in items], [s["exp_avg"] for _, _, s in items],
-                [s["exp_avg_sq"] for _, _, s in items],
-                [s["max_exp_avg_sq"] for _, _, s in items] if hyper.amsgrad else [],
-                [s["step"] for _, _, s in items], foreach=False, capturable=False, differentiable=False,
-                fused=True, grad_scale=None, found_inf=None, has_complex=False,
-                decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
-                beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps,
-                maximize=hyper.maximize)
+            fused_adam_step(hyper, items)
 
     def _finish(self, g: Any) -> None:
         if g.low_precision:
@@ -352,5 +356,5 @@ class UnitWork:
         return redo
 
 
-__all__ = ["GroupHyper", "HostEngine", "OVERLAP_MODES", "StepPlan", "Ticket", "UnitWork", "check_adam", "init_state",
-           "wait_event"]
+__all__ = ["GroupHyper", "HostEngine", "OVERLAP_MODES", "StepPlan", "Ticket", "UnitWork", "check_adam", "fused_adam_step",
+           "init_state", "wait_event"]

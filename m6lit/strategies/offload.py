@@ -704,7 +704,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def _window_step(self, unit: StreamUnit, plan: StepPlan) -> tuple[list[Any], list[Any]]:
         """Clip and step a window unit with the fused kernel on the device, write its stream copy there, and copy
         master, Adam state and stream copy back to the host behind the step."""
-        from m6lit.strategies.host_engine import adam_functional
+        from m6lit.strategies.host_engine import fused_adam_step
 
         streamer = self.streamer
         copies = self._window_state.pop(id(unit), None)
@@ -736,15 +736,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     backs.append((host_state[k], v))
                 by_group.setdefault(id(hyper), (hyper, []))[1].append((view, grad, dev))
             for hyper, items in by_group.values():
-                adam_functional(
-                    [v for v, _, _ in items], [gr for _, gr, _ in items], [d["exp_avg"] for _, _, d in items],
-                    [d["exp_avg_sq"] for _, _, d in items],
-                    [d["max_exp_avg_sq"] for _, _, d in items] if hyper.amsgrad else [],
-                    [d["step"] for _, _, d in items], foreach=False, capturable=False, differentiable=False,
-                    fused=True, grad_scale=None, found_inf=None, has_complex=False,
-                    decoupled_weight_decay=hyper.decoupled_weight_decay, amsgrad=hyper.amsgrad, beta1=hyper.beta1,
-                    beta2=hyper.beta2, lr=hyper.lr, weight_decay=hyper.weight_decay, eps=hyper.eps,
-                    maximize=hyper.maximize)
+                fused_adam_step(hyper, items)
             if g.low_precision:
                 first.append((g.staging, master_dev.to(g.staging.dtype)))
                 backs.append((g.master, master_dev))
