@@ -329,6 +329,14 @@ def _raised_by_m6lit(err: BaseException) -> bool:
     return bool(frames) and frames[-1].filename.startswith(package)
 
 
+def _finish_wandb() -> None:
+    """Close this process's W&B run before the program ends, so its (offline) folder is complete and its id is free
+    for the next `--ckpt_path` resume at once, not after an exit hook has flushed it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point (`m6lit` and `python -m m6lit`): Lightning subcommands plus `export` and `plan`.
 
@@ -345,10 +353,13 @@ def main(args: Optional[list[str]] = None) -> None:
             getattr(importlib.import_module(module_name), function_name)(argv[1:])
             return
         class_path = _model_class_path(argv)
-        if class_path is not None and class_path.split(".")[-1] == ImageTokenizerModule.__name__:
-            TokenizerCLI(args=args)
-            return
-        M6CLI(args=_strategy_short_name_with_options(argv))
+        try:
+            if class_path is not None and class_path.split(".")[-1] == ImageTokenizerModule.__name__:
+                TokenizerCLI(args=args)
+            else:
+                M6CLI(args=_strategy_short_name_with_options(argv))
+        finally:
+            _finish_wandb()
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("M6LIT_TRACEBACK") or not _raised_by_m6lit(err):
             raise
