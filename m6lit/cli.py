@@ -132,9 +132,6 @@ class M6CLI(LightningCLI):
     """LightningCLI with m6lit's defaults and argument links (vocab/pad/eos ids from the tokenizer, image size and
     text budget from the model config)."""
 
-    #: `fit --ckpt_path` continues the checkpoint's W&B run (same run id)
-    continues_wandb_run = True
-
     module_class: type[LightningModule] = M6LitModule
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -231,8 +228,7 @@ class M6CLI(LightningCLI):
             config = self.config[subcommand]
         run_id = checkpoint_wandb_run_id(checkpoint)
         logger = config.get("trainer", {}).get("logger")
-        if (self.continues_wandb_run and subcommand == "fit" and run_id and logger is not None
-                and not isinstance(logger, bool)
+        if (subcommand == "fit" and run_id and logger is not None and not isinstance(logger, bool)
                 and str(logger.get("class_path", "")).endswith("WandbLogger")
                 and logger.get("init_args", {}).get("id") is None):
             logger.init_args.id = run_id
@@ -283,8 +279,6 @@ class TokenizerCLI(M6CLI):
     the same defaults, checkpointing and data, with the tokenizer's own links (image size only)."""
 
     module_class = ImageTokenizerModule
-    #: a resumed tokenizer fit logs to a new W&B run (continuing the checkpoint's run id is not supported here)
-    continues_wandb_run = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)

@@ -33,9 +33,16 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+def _own_env() -> dict[str, str]:
+    """This process's environment without `WANDB_SERVICE`: an in-process W&B run of an earlier test leaves its
+    service's address there, and a child `m6lit` would then log through that shared service (colliding run ids,
+    run files written late) instead of its own."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+
+
 def run_cli(*args: str, runs: str = "runs") -> Path:
     """`python -m m6lit ...` in the current directory, W&B run under `runs`; returns its offline run directory."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **OFFLINE_ENV)
+    env = dict(_own_env(), PYTHONPATH=str(ROOT), **OFFLINE_ENV)
     before = set(offline_runs(Path(runs)))
     out = subprocess.run([sys.executable, "-m", "m6lit", *args, "--trainer.logger.init_args.save_dir", runs],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -51,7 +58,7 @@ def write_overrides(path: Path, top: dict | None = None, **trainer: object) -> P
 
 def run_raw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m m6lit ...` as a user types it; returns the finished process (any exit status)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **OFFLINE_ENV)
+    env = dict(_own_env(), PYTHONPATH=str(ROOT), **OFFLINE_ENV)
     return subprocess.run([sys.executable, "-m", "m6lit", *args], capture_output=True, text=True, env=env,
                           timeout=600, cwd=cwd)
 
@@ -162,7 +169,7 @@ def test_unknown_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_console_script_and_module_entry_point() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(_own_env(), PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "m6lit", "--help"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout and "validate" in out.stdout
