@@ -21,7 +21,9 @@ __all__ = [
     "BACKGROUNDS",
     "CAPTION_ATTRIBUTES",
     "COLORS",
+    "DEMO_ATTRIBUTES",
     "POSITIONS",
+    "POSITION_LABELS",
     "SHAPES",
     "SIZES",
     "DemoImageText",
@@ -32,6 +34,7 @@ __all__ = [
     "caption_scene",
     "parse_caption",
     "render_scene",
+    "scene_labels",
     "score_caption",
 ]
 
@@ -253,10 +256,28 @@ def score_caption(scene: DemoScene, text: str) -> dict[str, tuple[int, int]]:
     return score
 
 
+#: position label of each grid cell for :func:`scene_labels`: the English phrase without its preposition.
+POSITION_LABELS: tuple[str, ...] = tuple(phrase.split(" the ", 1)[1] for phrase, _ in POSITIONS)
+#: the attribute vocabulary :func:`scene_labels` draws from (attribute → values, in a fixed order).
+DEMO_ATTRIBUTES: dict[str, list[str]] = {"background": list(BACKGROUNDS), "kind": list(SHAPES),
+                                         "color": list(COLORS), "size": list(SIZES),
+                                         "position": list(POSITION_LABELS)}
+
+
+def scene_labels(scene: DemoScene) -> dict[str, list[str]]:
+    """Attribute labels of a scene for tagging: the background, and the set of kinds, colours, sizes and positions
+    its shapes have (multi-label; sorted in :data:`DEMO_ATTRIBUTES` order)."""
+    said = {"background": {scene.background}, "kind": {s.kind for s in scene.shapes},
+            "color": {s.color for s in scene.shapes}, "size": {s.size for s in scene.shapes},
+            "position": {POSITION_LABELS[s.cell] for s in scene.shapes}}
+    return {a: [v for v in DEMO_ATTRIBUTES[a] if v in said[a]] for a in DEMO_ATTRIBUTES}
+
+
 class DemoImageText(Dataset):
     """Map-style procedural image–caption dataset of ``num_samples`` items, deterministic by ``(seed, index)``.
 
-    Items are ``{"image": PIL.Image | None, "text": str, "origin": str}``. ``text_only_fraction`` of the items
+    Items are ``{"image": PIL.Image | None, "text": str, "origin": str, "labels": dict}`` (``labels``: the
+    scene's attributes for tagging, :func:`scene_labels`). ``text_only_fraction`` of the items
     (chosen per index) come without an image; their text is still a scene description, which gives the text
     objectives (denoising, language modelling) in-domain text. Each scene has 1 to ``max_shapes`` shapes (fewer
     shapes: shorter captions that a small model learns to ground sooner).
@@ -318,4 +339,5 @@ class DemoImageText(Dataset):
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
         image = None if scene.text_only else render_scene(scene, self.image_size)
-        return {"image": image, "text": caption_scene(scene), "origin": f"demo(seed={self.seed})[{index}]"}
+        return {"image": image, "text": caption_scene(scene), "origin": f"demo(seed={self.seed})[{index}]",
+                "labels": scene_labels(scene)}

@@ -102,6 +102,12 @@ def worker_info() -> tuple[int, int, int, int]:
     return wds.utils.pytorch_worker_info()
 
 
+def _labels(record: Any) -> dict:
+    """``{"labels": ...}`` when a sample record carries attribute labels (read by ``m6lit.data.labels``), else ``{}``."""
+    labels = record.get("labels") if isinstance(record, dict) else None
+    return {} if labels is None else {"labels": labels}
+
+
 class JsonlSource(Dataset):
     """Map-style source over a JSONL manifest: ``{"image": "rel/path.jpg", "text": "..."}`` or ``{"text": "..."}``.
 
@@ -170,11 +176,12 @@ class JsonlSource(Dataset):
         text = check_text(record.get(self.text_key), origin, self.text_key)
         image_path = record.get(self.image_key)
         if image_path is None:
-            return {"image": None, "text": text, "origin": origin}
+            return {"image": None, "text": text, "origin": origin, **_labels(record)}
         if not isinstance(image_path, str) or not image_path:
             raise BadSampleError(origin, f"{self.image_key!r} must be a non-empty path string, got {image_path!r}")
         path = self.image_root / image_path
-        return {"image": open_image(path, origin), "text": text, "origin": origin, "image_path": str(path)}
+        return {"image": open_image(path, origin), "text": text, "origin": origin, "image_path": str(path),
+                **_labels(record)}
 
 
 def _import_datasets() -> Any:
@@ -267,7 +274,7 @@ class HFSource(Dataset):
             image = open_image(self.image_root / value, origin)
         else:
             raise BadSampleError(origin, f"unsupported image value of type {type(value).__name__}")
-        return {"image": image, "text": text, "origin": origin}
+        return {"image": image, "text": text, "origin": origin, **_labels(row)}
 
 
 def _expand_shards(urls: str | Sequence[str]) -> list[str]:
@@ -396,6 +403,7 @@ class WebDatasetSource(IterableDataset):
             return None
 
     def _decode_or_raise(self, item: dict, origin: str) -> dict:
+        record: dict = {}
         if "txt" in item:
             try:
                 text = item["txt"].decode("utf-8")
@@ -414,7 +422,8 @@ class WebDatasetSource(IterableDataset):
         text = check_text(text, origin)
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in item), None)
         image = open_image(item[extension], f"{origin}.{extension}") if extension else None
-        return {"image": image, "text": text, "origin": origin, "key": str(item.get("__key__", ""))}
+        return {"image": image, "text": text, "origin": origin, "key": str(item.get("__key__", "")),
+                **_labels(record)}
 
 
 @dataclass
