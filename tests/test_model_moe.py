@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from m6lit.model import GroupedExperts, MoELayer, Router
-from m6lit.model.moe import expert_capacity, init_moe_
+from m6lit.model.moe import expert_capacity
 
 D, FF = 8, 12
 
@@ -18,8 +19,7 @@ def _layer(num_experts: int, top_k: int, router: str = "topk", capacity_factor=N
            seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     layer = MoELayer(D, FF, num_experts, top_k, router=router, capacity_factor=capacity_factor,
-                     norm_topk=norm_topk)
-    init_moe_(layer, std=0.5, out_std=0.5)
+                     norm_topk=norm_topk, init_std=0.5, out_init_std=0.5)
     layer.router.logit_offset.normal_(std=0.3)  # the offset must take part in the logits
     return layer.double()
 
@@ -402,13 +402,15 @@ def test_moe_under_cpu_bf16_autocast_is_close_to_fp32() -> None:
     assert ((y16 - y32).norm() / y32.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(num_experts=4, top_k=5), "top_k"),
-    (dict(num_experts=4, top_k=0), "top_k"),
-    (dict(num_experts=4, top_k=2, capacity_factor=0.0), "capacity_factor"),
-    (dict(num_experts=5, top_k=2, router="prototype"), "num_experts"),
-    (dict(num_experts=4, top_k=2, router="expert_choice"), "kind"),
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_experts=4, top_k=5), "MoELayer: top_k=5 must be <= num_experts=4"),
+    (dict(num_experts=4, top_k=0), "MoELayer: top_k=0 must be a positive integer"),
+    (dict(num_experts=4, top_k=2, capacity_factor=0.0), "MoELayer capacity_factor=0.0: must be > 0 or None"),
+    (dict(num_experts=5, top_k=2, router="prototype"),
+     "MoELayer: router 'prototype' needs num_experts=5 divisible by top_k=2"),
+    (dict(num_experts=4, top_k=2, router="expert_choice"), "MoELayer router='expert_choice': must be 'topk' or"),
+    (dict(num_experts=4, top_k=2, segments=4), "MoELayer: segments=4 must divide top_k=2 and num_experts=4"),
 ])
-def test_moe_layer_rejects_bad_arguments(kwargs, needle) -> None:
-    with pytest.raises(ValueError, match=needle):
+def test_moe_layer_rejects_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         MoELayer(D, FF, **kwargs)
