@@ -190,12 +190,12 @@ def test_bad_configuration_errors() -> None:
     with pytest.raises(ValueError, match=r"schedule\[0\]: layer 0 is not an MoE layer"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([{"step": 1, "op": "split", "factor": 2,
                                                                      "layers": [0]}])])
-    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1 has top_k=2 × factor=4 > num_experts=4"):
+    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1: top_k=2 × factor=4 exceeds num_experts=4; the merged layer"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([{"step": 1, "op": "merge", "factor": 4}])])
-    with pytest.raises(ValueError, match=r"schedule\[1\]: layer 1 has top_k=4 × factor=4 > num_experts=8"):
+    with pytest.raises(ValueError, match=r"schedule\[1\]: layer 1: top_k=4 × factor=4 exceeds num_experts=8"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([  # the dry run follows the shapes
             {"step": 1, "op": "segment", "factor": 2}, {"step": 2, "op": "merge", "factor": 4, "how": "average"}])])
-    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1 has expert_d_ff=32, not divisible by factor=3"):
+    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1: expert_d_ff=32 is not divisible by factor=3"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([{"step": 1, "op": "segment", "factor": 3}])])
     with pytest.warns(UserWarning, match="last scheduled step 5 >= trainer.max_steps=2; no training step follows"):
         fit(_module(), 2, callbacks=[ExpertSplitMerge([{"step": 5, "op": "split", "factor": 2}])])

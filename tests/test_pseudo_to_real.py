@@ -13,7 +13,7 @@ import torch
 from _fakes import fit, loader, tiny_config
 
 from m6lit.callbacks import DelinkEvent, PseudoToReal
-from m6lit.callbacks.structure import rewrite_optimizer
+from m6lit.structure import rewrite_optimizer
 from m6lit.model import delink, lm_loss
 from m6lit.module import M6LitModule
 
