@@ -135,12 +135,13 @@ class M6Model(nn.Module):
 
     def init_weights(self) -> None:
         """Normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 L) (GPT-2), patch
-        positions at the scale of the patch projection's output. MoE layers draw theirs in `reset_parameters`
-        (built with these standard deviations); the draws run in module order, so a seed fixes every weight."""
+        positions at the scale of the patch projection's output, norms to one. MoE layers draw theirs in
+        `reset_parameters` (built with these standard deviations); the draws run in module order, so a seed fixes
+        every weight, and a model built on the meta device is complete after `to_empty` + `init_weights`."""
         std = self.config.init_std
         out_std = self._out_init_std()
         for name, module in self.named_modules():
-            if isinstance(module, MoELayer):
+            if isinstance(module, (MoELayer, nn.RMSNorm)):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 is_out = name.endswith("attn.proj") or name.endswith("ffn.w_down")
