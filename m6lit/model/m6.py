@@ -171,7 +171,7 @@ class M6Model(nn.Module):
         compiled: dict[int, nn.Module] = self._compiled_blocks
         if len(compiled) == len(self.blocks) and all(compiled.get(id(b)) is b for b in self.blocks):
             return
-        # new blocks (a delink's deep copies drop their source's compiled call) run eager until compiled here
+        # new blocks (a delink's fresh blocks have no compiled call) run eager until compiled here
         for block in self.blocks:
             if compiled.get(id(block)) is not block:
                 block.compile(**options)
