@@ -199,7 +199,8 @@ def test_bad_configuration_errors() -> None:
     with pytest.raises(ValueError, match=r"schedule\[0\]: layer 0 is not an MoE layer"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([{"step": 1, "op": "split", "factor": 2,
                                                                      "layers": [0]}])])
-    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1: top_k=2 × factor=4 exceeds num_experts=4; the merged layer"):
+    with pytest.raises(ValueError, match=r"schedule\[0\]: layer 1: top_k=2 × factor=4 exceeds num_experts=4; the "
+                                         r"merged layer"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([{"step": 1, "op": "merge", "factor": 4}])])
     with pytest.raises(ValueError, match=r"schedule\[1\]: layer 1: top_k=4 × factor=4 exceeds num_experts=8"):
         fit(_module(**dense_first), 1, callbacks=[ExpertSplitMerge([  # the dry run follows the shapes

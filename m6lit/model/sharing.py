@@ -4,7 +4,8 @@ A model has `num_layers` logical layers and K physical blocks; `layer_to_block` 
   cycle: layer i uses block i mod K        (Takase & Kiyono's CYCLE)
   stack: layer i uses block i div (L/K)    (their SEQUENCE)
 `delink` turns K blocks into K' (a multiple of K) — each new block built from the config and given copies of its
-source block's tensors — so the network computes exactly the same function, and returns a `ParamMap` (old parameter → the new parameters cloned from it) for the optimizer-state transfer.
+source block's tensors — so the network computes exactly the same function, and returns a `ParamMap` (old
+parameter → the new parameters copied from it) for the optimizer-state transfer.
 """
 
 from __future__ import annotations
