@@ -13,7 +13,7 @@ import torch
 from _fakes import ContractBatches, collate, tiny_config
 from torch import Tensor
 
-from m6lit.model import M6Model, apply_expert_op, delink, lm_loss
+from m6lit.model import M6Model, MoELayer, TransformerBlock, apply_expert_op, delink, lm_loss, prefix_lm_mask
 from m6lit.model.block import checkpoint_phase
 
 Spec = Any
@@ -136,3 +136,32 @@ def test_no_grad_and_kv_cache_generation_ignore_checkpointing() -> None:
     with torch.no_grad():
         assert torch.equal(plain(_batch()).logits, checked(_batch()).logits)
     assert phases.calls and all(phase is None for _, phase in phases.calls)
+
+
+# ---------------------------------------------------------------------------------------------- self-initialisation
+def _block(moe: bool) -> TransformerBlock:
+    layer = MoELayer(32, 48, 4, 2) if moe else None
+    return TransformerBlock(32, 4, 64, moe=layer)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_block_on_the_meta_device_then_to_empty_and_reset_parameters_is_a_working_block(moe: bool) -> None:
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        meta = _block(moe)
+    assert torch.equal(torch.get_rng_state(), rng)  # building on the meta device draws nothing
+    meta.to_empty(device="cpu")
+    torch.manual_seed(5)
+    meta.reset_parameters()
+    torch.manual_seed(5)
+    eager = _block(moe)
+    if moe:  # the MoE layer is built before the block, so it drew first: compare like with like
+        torch.manual_seed(5)
+        eager.reset_parameters()
+    for (name, a), b in zip([*meta.named_parameters(), *meta.named_buffers()],
+                            [*eager.parameters(), *eager.buffers()]):
+        assert torch.equal(a, b), name
+    assert torch.equal(meta.attn_norm.weight, torch.ones(32)) and torch.equal(meta.ffn_norm.weight, torch.ones(32))
+    x = torch.randn(2, 5, 32)
+    mask = prefix_lm_mask(torch.ones(2, 5, dtype=torch.bool), torch.tensor([2, 2]))
+    assert torch.equal(meta(x, mask)[0], eager(x, mask)[0])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from m6lit.model import M6Config, M6Model
+from m6lit.model import ExpertShape, M6Config, M6Model
 
 
 def _cfg(**overrides) -> M6Config:
@@ -132,3 +132,55 @@ def test_layouts_and_block_kinds() -> None:
     assert stk.layer_to_block() == [0, 0, 1, 1, 2, 2]
     assert stk.block_is_moe() == [False, True, False]
     assert _cfg(num_layers=5, num_unique_blocks=3).validate().layer_to_block() == [0, 1, 2, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- the expert-shape rule
+def test_expert_shape_after_each_op() -> None:
+    s = ExpertShape(8, 2, 48)
+    assert s.after("segment", 4) == ExpertShape(32, 8, 12, 4)
+    assert s.after("split", 3) == ExpertShape(24, 2, 48, 1)
+    assert s.after("segment", 2).after("merge", 2) == s  # auto: concat undoes a segment
+    assert s.after("split", 2).after("merge", 2) == s  # auto: average undoes a split
+    assert s.after("segment", 2).after("merge", 2, how="average") == ExpertShape(8, 4, 24, 2)
+    assert s.after("segment", 4).merge_how(2) == "concat" and s.merge_how(2) == "average"
+    # prototype: 2 groups of 4; merging 4 leaves groups of one expert each
+    assert s.after("merge", 4, router="prototype") == ExpertShape(2, 2, 48)
+
+
+@pytest.mark.parametrize("shape,op,factor,kwargs,message", [
+    (ExpertShape(4, 2, 12), "segment", 5, {}, "expert_d_ff=12 is not divisible by factor=5"),
+    (ExpertShape(4, 2, 12), "merge", 4, {}, "top_k=2 × factor=4 exceeds num_experts=4; the merged layer would "
+                                            "have fewer experts than each token picks"),
+    (ExpertShape(4, 2, 12), "merge", 2, {"how": "concat"}, "how='concat' joins segment pieces, but the experts "
+                                                           "are 1 piece(s) each — not divisible by factor=2"),
+    (ExpertShape(12, 2, 12), "merge", 4, {"router": "prototype"},
+     "6 experts per routing group cannot be merged in groups of factor=4"),
+    (ExpertShape(12, 2, 12, 2), "merge", 4, {"how": "average"},
+     "12 experts per routing group cannot be merged in groups of factor=4 whole experts of 2 segment pieces"),
+    (ExpertShape(4, 2, 12), "grow", 2, {}, "op='grow' must be one of ('segment', 'split', 'merge')"),
+    (ExpertShape(4, 2, 12), "split", 1, {}, "factor=1 must be an integer >= 2"),
+    (ExpertShape(4, 2, 12), "merge", 2, {"how": "mean"}, "how='mean' must be one of ('auto', 'concat', 'average')"),
+])
+def test_expert_shape_after_says_why_an_op_cannot_run(shape, op, factor, kwargs, message) -> None:
+    with pytest.raises(ValueError) as err:
+        shape.after(op, factor, **kwargs)
+    assert str(err.value) == message
+
+
+def test_one_message_per_rule_wherever_it_is_checked() -> None:
+    from m6lit.model import MoELayer, segment_experts
+
+    core = "top_k=5 must be <= num_experts=4"
+    with pytest.raises(ValueError) as shape:
+        ExpertShape(4, 5, 8).check()
+    with pytest.raises(ValueError) as layer:
+        MoELayer(8, 8, 4, 5)
+    cfg = _cfg(moe_layers="all", num_unique_blocks=4, expert_overrides=[{"block": 1, "num_experts": 4, "top_k": 5}])
+    with pytest.raises(ValueError) as config:
+        cfg.validate()
+    assert str(shape.value) == core
+    assert str(layer.value) == f"MoELayer: {core}"
+    assert str(config.value).endswith(f": {core}") and str(config.value).startswith("M6Config.expert_overrides[0]=")
+    with pytest.raises(ValueError) as op:
+        segment_experts(MoELayer(8, 12, 4, 2), 5, name="blocks.1.ffn")
+    assert str(op.value) == "segment_experts(blocks.1.ffn): expert_d_ff=12 is not divisible by factor=5"

@@ -17,7 +17,6 @@ from m6lit.model.experts import (
     segment_experts,
     split_experts,
 )
-from m6lit.model.moe import init_moe_
 
 D, FF = 8, 12
 
@@ -25,8 +24,8 @@ D, FF = 8, 12
 def _layer(num_experts: int, top_k: int, router: str = "topk", norm_topk: bool = True, capacity_factor=None,
            dtype=torch.float64, seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
-    layer = MoELayer(D, FF, num_experts, top_k, router=router, capacity_factor=capacity_factor, norm_topk=norm_topk)
-    init_moe_(layer, std=0.5, out_std=0.5)
+    layer = MoELayer(D, FF, num_experts, top_k, router=router, capacity_factor=capacity_factor, norm_topk=norm_topk,
+                     init_std=0.5, out_init_std=0.5)
     layer.router.logit_offset.normal_(std=0.3)  # a non-zero offset must be carried through every op
     return layer.to(dtype)
 
@@ -122,8 +121,7 @@ def test_merge_after_segment_restores_offsets_and_non_dyadic_factors_to_rounding
 
 def test_nested_segments_merge_back_in_one_or_two_steps() -> None:
     torch.manual_seed(0)
-    layer = MoELayer(D, 16, 4, 2)
-    init_moe_(layer, std=0.5, out_std=0.5)
+    layer = MoELayer(D, 16, 4, 2, init_std=0.5, out_init_std=0.5)
     before = _snapshot(layer)
     x = _x(dtype=torch.float32)
     y0, _ = layer(x)
@@ -203,8 +201,7 @@ def test_split_noise_is_centred_seeded_and_breaks_the_tie(router, num_experts, t
 
 
 def test_split_of_a_segmented_topk_layer_keeps_pieces_together() -> None:
-    layer = MoELayer(D, 16, 4, 2).double()
-    init_moe_(layer, std=0.5, out_std=0.5)
+    layer = MoELayer(D, 16, 4, 2, init_std=0.5, out_init_std=0.5).double()
     segment_experts(layer, 2)
     split_experts(layer, 2, noise=0.1, generator=torch.Generator().manual_seed(0))
     rows = layer.router.weight.detach().view(2, 4, 2, D)  # [copy, expert, piece, D]

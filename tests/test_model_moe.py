@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from m6lit.model import GroupedExperts, MoELayer, Router
-from m6lit.model.moe import expert_capacity, init_moe_
+from m6lit.model.moe import expert_capacity
 
 D, FF = 8, 12
 
@@ -18,8 +19,7 @@ def _layer(num_experts: int, top_k: int, router: str = "topk", capacity_factor=N
            seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     layer = MoELayer(D, FF, num_experts, top_k, router=router, capacity_factor=capacity_factor,
-                     norm_topk=norm_topk)
-    init_moe_(layer, std=0.5, out_std=0.5)
+                     norm_topk=norm_topk, init_std=0.5, out_init_std=0.5)
     layer.router.logit_offset.normal_(std=0.3)  # the offset must take part in the logits
     return layer.double()
 
@@ -402,13 +402,60 @@ def test_moe_under_cpu_bf16_autocast_is_close_to_fp32() -> None:
     assert ((y16 - y32).norm() / y32.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(num_experts=4, top_k=5), "top_k"),
-    (dict(num_experts=4, top_k=0), "top_k"),
-    (dict(num_experts=4, top_k=2, capacity_factor=0.0), "capacity_factor"),
-    (dict(num_experts=5, top_k=2, router="prototype"), "num_experts"),
-    (dict(num_experts=4, top_k=2, router="expert_choice"), "kind"),
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_experts=4, top_k=5), "MoELayer: top_k=5 must be <= num_experts=4"),
+    (dict(num_experts=4, top_k=0), "MoELayer: top_k=0 must be a positive integer"),
+    (dict(num_experts=4, top_k=2, capacity_factor=0.0), "MoELayer capacity_factor=0.0: must be > 0 or None"),
+    (dict(num_experts=5, top_k=2, router="prototype"),
+     "MoELayer: router 'prototype' needs num_experts=5 divisible by top_k=2"),
+    (dict(num_experts=4, top_k=2, router="expert_choice"), "MoELayer router='expert_choice': must be 'topk' or"),
+    (dict(num_experts=4, top_k=2, segments=4), "MoELayer: segments=4 must divide top_k=2 and num_experts=4"),
 ])
-def test_moe_layer_rejects_bad_arguments(kwargs, needle) -> None:
-    with pytest.raises(ValueError, match=needle):
+def test_moe_layer_rejects_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         MoELayer(D, FF, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- self-initialisation
+def test_bare_modules_hold_their_documented_initialisation() -> None:
+    torch.manual_seed(3)
+    layer = MoELayer(D, FF, 4, 2, init_std=0.5, out_init_std=0.25)
+    torch.manual_seed(3)  # the same draws by hand, in the documented order: router, w_gate, w_up, w_down
+    want = [torch.empty(4, D).normal_(std=0.5), torch.empty(4, FF, D).normal_(std=0.5),
+            torch.empty(4, FF, D).normal_(std=0.5), torch.empty(4, D, FF).normal_(std=0.25)]
+    got = [layer.router.weight, layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(layer.router.logit_offset, torch.zeros(4))
+    torch.manual_seed(3)
+    router = Router(D, 4, 2, init_std=0.5)
+    experts = GroupedExperts(4, D, FF, init_std=0.5, out_init_std=0.25)
+    assert torch.equal(router.weight, want[0]) and torch.equal(experts.w_down, want[3])
+    assert GroupedExperts(2, D, FF, init_std=0.1).out_init_std == 0.1  # output std defaults to init_std
+
+
+@pytest.mark.parametrize("cls,args", [(MoELayer, (D, FF, 4, 2)), (Router, (D, 4, 2)), (GroupedExperts, (4, D, FF))])
+def test_meta_device_then_to_empty_and_reset_parameters_equals_eager_construction(cls, args) -> None:
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        meta = cls(*args)
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn on the meta device
+    assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    meta.to_empty(device="cpu")
+    torch.manual_seed(4)
+    meta.reset_parameters()
+    torch.manual_seed(4)
+    eager = cls(*args)
+    for (name, a), b in zip([*meta.named_parameters(), *meta.named_buffers()],
+                            [*eager.parameters(), *eager.buffers()]):
+        assert torch.equal(a, b), name
+    assert cls(*args, device="meta", dtype=torch.bfloat16).state_dict().keys() == eager.state_dict().keys()
+
+
+def test_bare_moe_layer_runs_and_matches_the_reference() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(D, FF, 4, 2).double()
+    x = torch.randn(6, D, dtype=torch.float64)
+    y, _ = layer(x)
+    y_ref, _, _, _ = reference_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert layer.router.weight.std().item() == pytest.approx(0.02, rel=0.3)  # initialised, not uninitialised memory

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m6lit.model import M6Config, M6Model, clone_module, delink, layer_to_block, prefix_lm_mask
+from m6lit.model import M6Config, M6Model, delink, fresh_block_like, layer_to_block, prefix_lm_mask
 from m6lit.model.sharing import blocks_share_storage
 
 VOCAB = 64
@@ -218,21 +218,60 @@ def test_delink_errors_have_clear_messages() -> None:
     assert len(one.blocks) == 1 and one.config.num_unique_blocks == 1  # a failed delink changes nothing
 
 
-def test_clone_module_gives_fresh_storage_and_drops_hooks() -> None:
+def test_fresh_block_like_copies_tensors_into_a_block_built_from_the_config_and_nothing_else() -> None:
     model = _model(num_unique_blocks=1)
     block = model.blocks[0]
     block.attn.qkv.weight.requires_grad_(False)
+    block.ffn.experts.w_up.data = block.ffn.experts.w_up.data.to(torch.bfloat16)  # a per-tensor dtype is kept
+    model.train()
+    block.attn.eval()  # a per-module mode is kept
     calls = []
-    block.register_forward_hook(lambda *a: calls.append(1))
-    clone = clone_module(block)
-    assert not blocks_share_storage(block, clone)
-    for (n1, p1), (n2, p2) in zip(block.named_parameters(), clone.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2) and p1.requires_grad == p2.requires_grad
-    assert clone.attn.qkv.weight.requires_grad is False
-    assert torch.equal(clone.ffn.router.logit_offset, block.ffn.router.logit_offset)
+    block.register_forward_hook(lambda *a: calls.append("forward"))
+    block.register_forward_pre_hook(lambda *a: calls.append("pre"))
+    block.attn.register_full_backward_hook(lambda *a: calls.append("backward"))
+    block.register_state_dict_post_hook(lambda *a: calls.append("state_dict"))
+    block.register_load_state_dict_post_hook(lambda *a: calls.append("load"))
+    block.attn.proj.weight.register_hook(lambda g: calls.append("grad"))
+    model(_batch()).logits.sum().backward()
+    calls.clear()
+    rng = torch.get_rng_state()
+    fresh = fresh_block_like(model, 0)
+    assert torch.equal(torch.get_rng_state(), rng)  # built on the meta device: no random numbers drawn
+    assert type(fresh) is type(block) and fresh is not block
+    assert not blocks_share_storage(block, fresh)
+    old = dict(block.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, old[name]) and p.dtype == old[name].dtype and p.device == old[name].device
+        assert p.requires_grad == old[name].requires_grad and p.grad is None and not p.is_meta
+    assert fresh.ffn.experts.w_up.dtype == torch.bfloat16 and fresh.attn.qkv.weight.requires_grad is False
+    assert torch.equal(fresh.ffn.router.logit_offset, block.ffn.router.logit_offset)
+    assert fresh.ffn.router.logit_offset.data_ptr() != block.ffn.router.logit_offset.data_ptr()
+    assert [m.training for m in fresh.modules()] == [m.training for m in block.modules()]
+    assert fresh.attn.training is False and fresh.training is True
     x = torch.randn(1, 3, 32)
     mask = prefix_lm_mask(torch.ones(1, 3, dtype=torch.bool), torch.tensor([1]))
-    clone(x, mask)
+    fresh.ffn.experts.w_up.data = fresh.ffn.experts.w_up.data.float()
+    out, _ = fresh(x, mask)
+    out.sum().backward()
+    fresh.load_state_dict(fresh.state_dict())
     assert calls == []
     block(x, mask)
-    assert calls == [1]
+    assert calls == ["pre", "forward"]
+
+
+def test_fresh_block_like_names_tensors_the_config_does_not_have() -> None:
+    model = _model(num_unique_blocks=1)
+    model.blocks[0].attn.register_buffer("extra", torch.zeros(2))
+    with pytest.raises(ValueError, match=r"blocks\.0 does not match a block built from the config: tensors only in "
+                                         r"the model \['attn\.extra'\]"):
+        fresh_block_like(model, 0)
+
+
+def test_delink_draws_no_random_numbers() -> None:
+    model = _model(num_unique_blocks=1)
+    torch.manual_seed(5)
+    delink(model, 2)
+    delink(model)
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(4))

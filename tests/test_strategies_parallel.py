@@ -26,7 +26,7 @@ from _fakes import LossRecorder, tiny_config
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
 from m6lit.callbacks import DelinkEvent, ExpertSplitMerge, PseudoToReal
-from m6lit.callbacks.structure import notify_strategy
+from m6lit.structure import notify_strategy
 from m6lit.model import ParamMap, delink
 from m6lit.module import M6LitModule
 from m6lit.strategies import ExpertParallelStrategy, FSDP2Strategy

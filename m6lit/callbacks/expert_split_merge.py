@@ -1,12 +1,12 @@
 """ExpertSplitMerge: segment, split or merge MoE experts at configured optimizer steps inside one fit.
 
-At an optimizer-step boundary (right after step N, before that step's checkpoint) the callback calls the pure
-`m6lit.model.experts` functions on the MoE blocks of the named layers, rewrites the optimizer's groups in place
-(state carried through the ParamMap: sliced for segments, copied for split clones, averaged for merges — or rescaled
-or reset per `optimizer_state`), tells the strategy, records the new expert shapes in the module's structural
-hyperparameters (so checkpoints rebuild them) and logs the event. It composes with `PseudoToReal` at the same step:
-whichever runs first, the other sees the changed model (a delinked clone keeps its source block's expert shape).
-"""
+At an optimizer-step boundary (right after step N, before that step's checkpoint) the callback runs the op through
+`m6lit.structure.apply_structure_change`: the pure `m6lit.model.experts` functions on the MoE blocks of the named
+layers, the new expert shapes in the module's structural hyperparameters (so checkpoints rebuild them), the
+optimizer's groups rewritten in place (state carried through the ParamMap: sliced for segments, copied for split
+clones, averaged for merges — or rescaled or reset per `optimizer_state`), the strategy's re-plan and the log. It
+composes with `PseudoToReal` at the same step: whichever runs first, the other sees the changed model (a delinked
+clone keeps its source block's expert shape)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
 
-from m6lit.model import lm_loss
-from m6lit.model.experts import (
-    MERGE_HOW,
-    MERGE_WEIGHTS,
-    OPS,
-    apply_expert_op,
-    moe_blocks_of,
-)
-
-from .structure import STATE_POLICIES, notify_strategy, rewrite_optimizer
+from m6lit.model.experts import MERGE_HOW, MERGE_WEIGHTS, OPS, moe_blocks_of
+from m6lit.structure import STATE_POLICIES, ExpertChange, apply_structure_change
 
 
 @dataclass
@@ -143,44 +134,18 @@ class ExpertSplitMerge(Callback):
                            f"{trainer.max_steps}; no training step follows it")
 
     def _check_shapes(self, model: Any) -> None:
-        """Dry-run the schedule on the layers' expert shapes so a bad entry fails at setup, not mid-run. Sharing
-        is taken as it is now (an op on a shared block changes every layer that runs it)."""
+        """Dry-run the schedule on the layers' expert shapes (`ExpertShape.after`, the rule the ops apply) so a bad
+        entry fails at setup, not mid-run. Sharing is taken as it is now (an op on a shared block changes every
+        layer that runs it)."""
         config = model.config
         shapes = {layer: config.expert_shape(block) for layer, block in enumerate(model.layer_to_block)}
         for i, event in enumerate(self.events):
-            where = f"ExpertSplitMerge.schedule[{i}]"
             touched = [layer for runs in moe_blocks_of(model, event.layers).values() for layer in runs]
             for layer in touched:
-                s = shapes[layer]
-                n = event.factor
-                if event.op == "segment":
-                    if s.expert_d_ff % n:
-                        raise ValueError(f"{where}: layer {layer} has expert_d_ff={s.expert_d_ff}, not divisible by "
-                                         f"factor={n}")
-                    s = s._replace(num_experts=s.num_experts * n, top_k=s.top_k * n, expert_d_ff=s.expert_d_ff // n,
-                                   segments=s.segments * n)
-                elif event.op == "split":
-                    s = s._replace(num_experts=s.num_experts * n)
-                else:
-                    concat = event.how == "concat" or (event.how == "auto" and s.segments % n == 0)
-                    if concat:
-                        if s.segments % n:
-                            raise ValueError(f"{where}: layer {layer}'s experts are {s.segments} segment piece(s) "
-                                             f"each; how='concat' needs a multiple of factor={n}")
-                        s = s._replace(num_experts=s.num_experts // n, top_k=s.top_k // n,
-                                       expert_d_ff=s.expert_d_ff * n, segments=s.segments // n)
-                    else:
-                        if s.top_k * n > s.num_experts:
-                            raise ValueError(f"{where}: layer {layer} has top_k={s.top_k} × factor={n} > num_experts="
-                                             f"{s.num_experts}; merging would leave fewer experts than each token "
-                                             f"picks")
-                        groups = s.top_k if config.router == "prototype" else 1
-                        unit = s.segments if config.router == "topk" else 1
-                        if (s.num_experts // groups) % (n * unit):
-                            raise ValueError(f"{where}: layer {layer} has {s.num_experts // groups} experts per "
-                                             f"routing group, not divisible into merges of factor={n}")
-                        s = s._replace(num_experts=s.num_experts // n)
-                shapes[layer] = s
+                try:
+                    shapes[layer] = shapes[layer].after(event.op, event.factor, config.router, event.how)
+                except ValueError as err:
+                    raise ValueError(f"ExpertSplitMerge.schedule[{i}]: layer {layer}: {err}") from None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.ckpt_path is None or self._restored:
@@ -206,56 +171,12 @@ class ExpertSplitMerge(Callback):
             if i not in self.done and trainer.global_step >= event.step:
                 self._apply(trainer, pl_module, i, event, batch)
 
-    @torch.no_grad()
-    def _measure(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> tuple[float, dict[int, Tensor]]:
-        """(LM + aux loss, per-layer expert token counts) of `batch` with dropout off."""
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            out = pl_module.model(batch)
-            loss = float(lm_loss(out.logits, batch["labels"]) + out.aux_loss)
-            return loss, {layer: aux.expert_counts for layer, aux in out.moe_stats.items()}
-        finally:
-            pl_module.train(was_training)
-
     def _apply(self, trainer: Trainer, pl_module: LightningModule, index: int, event: ExpertEvent,
                batch: Any) -> None:
-        model = pl_module.model
-        weights = event.weights or self.merge_weights
-        needs_load = event.op == "merge" and weights == "load"
-        loss_before, loads = float("nan"), None
-        if self.log_loss or needs_load:
-            loss_before, loads = self._measure(pl_module, batch)
-        params_before = model.num_parameters(unique=True)
-        blocks = moe_blocks_of(model, event.layers)
-        shapes_before = {b: model.config.expert_shape(b) for b in blocks}
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + event.step * 1_009 + index)
-        noise = self.noise if event.noise is None else event.noise
-        param_map = apply_expert_op(model, event.op, event.factor, event.layers, noise=noise, generator=generator,
-                                    weights=weights, loads=loads, how=event.how)
-        pl_module.sync_structure_hparams()
-        for optimizer in trainer.optimizers:
-            rewrite_optimizer(optimizer, pl_module.build_param_groups(), param_map, self.optimizer_state)
-        notify_strategy(trainer, param_map)
+        op = ExpertChange(event.op, event.factor, event.layers, generator=generator,
+                          noise=self.noise if event.noise is None else event.noise,
+                          weights=event.weights or self.merge_weights, how=event.how)
+        apply_structure_change(trainer, pl_module, op, batch=batch, optimizer_state=self.optimizer_state,
+                               log_loss=self.log_loss, history=self.history)
         self.done.append(index)
-        loss_after = self._measure(pl_module, batch)[0] if self.log_loss else float("nan")
-        shapes_after = {b: model.config.expert_shape(b) for b in blocks}
-        record = {"experts/step": float(trainer.global_step), "experts/factor": float(event.factor),
-                  "experts/num_experts": float(max(s.num_experts for s in shapes_after.values())),
-                  "experts/unique_params_before": float(params_before),
-                  "experts/unique_params_after": float(model.num_parameters(unique=True)),
-                  "experts/loss_before": loss_before, "experts/loss_after": loss_after}
-        self.history.append({**record, "op": event.op, "blocks": sorted(blocks),
-                             "shapes_before": {b: s._asdict() for b, s in shapes_before.items()},
-                             "shapes_after": {b: s._asdict() for b, s in shapes_after.items()}})
-        for logger in trainer.loggers:
-            logger.log_metrics(record, step=trainer.global_step)
-        changes = ", ".join(f"block {b} (layers {blocks[b]}): {_shape_text(shapes_before[b])} → "
-                            f"{_shape_text(shapes_after[b])}" for b in blocks)
-        rank_zero_info(f"ExpertSplitMerge: {event.op} ×{event.factor} at step {trainer.global_step}: {changes}; "
-                       f"parameters {params_before:,} → {model.num_parameters(unique=True):,}, loss "
-                       f"{loss_before:.6f} → {loss_after:.6f} (optimizer state: {self.optimizer_state})")
-
-
-def _shape_text(shape: Any) -> str:
-    return f"{shape.num_experts} experts top-{shape.top_k} d_ff {shape.expert_d_ff}"

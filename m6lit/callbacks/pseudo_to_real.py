@@ -1,9 +1,10 @@
 """PseudoToReal: train a Pseudo Giant (layers sharing K physical blocks), then delink it mid-fit into the Real Giant.
 
-At an optimizer-step boundary (right after step N, before that step's checkpoint) the callback calls the pure
-`delink()` of the model package, rewrites the optimizer's groups in place with the new parameters (state carried
-per `optimizer_state`), tells the strategy, updates the module's structural hyperparameter, optionally re-warms the
-LR and changes gradient accumulation, and logs the event. The same logger, checkpoints and progress bar continue.
+At an optimizer-step boundary (right after step N, before that step's checkpoint) the callback runs the delink
+through `m6lit.structure.apply_structure_change` (the pure `delink()`, the module's structural hyperparameter, the
+optimizer's groups rewritten in place with state carried per `optimizer_state`, the strategy's re-plan, the log),
+then optionally re-warms the LR and changes gradient accumulation. The same logger, checkpoints and progress bar
+continue.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from m6lit.callbacks.structure import STATE_POLICIES, eval_loss, notify_strategy, rewrite_optimizer
-from m6lit.model import delink
 from m6lit.model.sharing import layer_to_block
+from m6lit.structure import STATE_POLICIES, Delink, apply_structure_change
 
 
 @dataclass
@@ -192,30 +192,11 @@ class PseudoToReal(Callback):
                 done_steps.add(event.step)
 
     def _delink(self, trainer: Trainer, pl_module: LightningModule, event: DelinkEvent, batch: Any) -> None:
-        model = pl_module.model
-        before_blocks = len(model.blocks)
-        params_before = model.num_parameters(unique=True)
-        loss_before = eval_loss(pl_module, batch) if self.log_loss else float("nan")
-        param_map = delink(model, event.num_unique_blocks)
-        pl_module.sync_structure_hparams()
-        for optimizer in trainer.optimizers:
-            rewrite_optimizer(optimizer, pl_module.build_param_groups(), param_map, self.optimizer_state)
-        notify_strategy(trainer, param_map)
+        apply_structure_change(trainer, pl_module, Delink(event.num_unique_blocks), batch=batch,
+                               optimizer_state=self.optimizer_state, log_loss=self.log_loss, history=self.history)
         self.done.append([event.step, event.num_unique_blocks])
         self._register_rewarmup(pl_module, event.step)
         if self.rewarmup_steps > 0:
             pl_module.refresh_lr()
         if self._all_done() and self.accumulate_after is not None:
             trainer.accumulate_grad_batches = self.accumulate_after
-        loss_after = eval_loss(pl_module, batch) if self.log_loss else float("nan")
-        record = {"p2r/step": float(trainer.global_step), "p2r/num_unique_blocks": float(event.num_unique_blocks),
-                  "p2r/unique_params_before": float(params_before),
-                  "p2r/unique_params_after": float(model.num_parameters(unique=True)),
-                  "p2r/loss_before": loss_before, "p2r/loss_after": loss_after}
-        self.history.append(record)
-        for logger in trainer.loggers:
-            logger.log_metrics(record, step=trainer.global_step)
-        rank_zero_info(
-            f"PseudoToReal: delinked at step {trainer.global_step}: {before_blocks} → {event.num_unique_blocks} "
-            f"unique blocks, parameters {params_before:,} → {model.num_parameters(unique=True):,}, "
-            f"loss {loss_before:.6f} → {loss_after:.6f} (optimizer state: {self.optimizer_state})")

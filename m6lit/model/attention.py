@@ -135,7 +135,7 @@ class KVCache:
 
 class Attention(nn.Module):
     """Multi-head self-attention: FlexAttention when given a BlockMask, else `F.scaled_dot_product_attention`
-    with the dense boolean mask."""
+    with the dense boolean mask. Initialised on construction by its `nn.Linear` projections."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -144,6 +144,12 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def reset_parameters(self) -> None:
+        """Re-draw the projections with `nn.Linear`'s own initialisation (what construction gave them); for a module
+        built on the meta device and then `to_empty`."""
+        self.qkv.reset_parameters()
+        self.proj.reset_parameters()
 
     def forward(self, x: Tensor, mask: AttentionMask, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         b, s, d = x.shape

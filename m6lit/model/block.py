@@ -22,7 +22,7 @@ from .moe import MoEAux, MoELayer
 
 
 class SwiGLU(nn.Module):
-    """Dense FFN: w_down(silu(w_gate x) * w_up x)."""
+    """Dense FFN: w_down(silu(w_gate x) * w_up x). Initialised on construction by its `nn.Linear` layers."""
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
@@ -30,12 +30,23 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(d_model, d_ff, bias=False)
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
+    def reset_parameters(self) -> None:
+        """Re-draw the three projections with `nn.Linear`'s own initialisation (after `to_empty`)."""
+        self.w_gate.reset_parameters()
+        self.w_up.reset_parameters()
+        self.w_down.reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class TransformerBlock(nn.Module):
-    """One physical block; shared blocks run once per logical layer that maps to them."""
+    """One physical block; shared blocks run once per logical layer that maps to them.
+
+    Initialised on construction (norms to one, projections by `nn.Linear`, a given `moe` by itself);
+    `reset_parameters` does it again in the same order, so a block built on the meta device works after
+    `to_empty(device=...)` + `reset_parameters()`. (`M6Model.init_weights` applies the model's own scheme on top.)
+    """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm_eps: float = 1e-6, dropout: float = 0.0,
                  moe: Optional[MoELayer] = None) -> None:
@@ -45,6 +56,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = moe if moe is not None else SwiGLU(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
+
+    def reset_parameters(self) -> None:
+        self.attn_norm.reset_parameters()
+        self.attn.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.ffn.reset_parameters()
 
     @property
     def is_moe(self) -> bool:

@@ -15,14 +15,84 @@ ROUTERS = ("topk", "prototype")
 EXPERT_OVERRIDE_KEYS = ("block", "num_experts", "top_k", "expert_d_ff", "segments")
 
 
+EXPERT_OPS = ("segment", "split", "merge")
+MERGE_HOW = ("auto", "concat", "average")
+
+
 class ExpertShape(NamedTuple):
-    """The expert shape of one MoE block. `segments`: how many segment pieces each of the original experts is now
-    cut into (1 unless `segment_experts` ran), so that `merge_experts` can undo a segmentation exactly."""
+    """The expert shape of one MoE block, and the one statement of which shapes are valid and what an expert op
+    makes of them. `segments`: how many segment pieces each of the original experts is now cut into (1 unless
+    `segment_experts` ran), so that `merge_experts` can undo a segmentation exactly.
+
+    `check` (used by `M6Config.validate` and `MoELayer`), `after` (used by the ops in `m6lit.model.experts` and by
+    `ExpertSplitMerge`'s dry run) and `merge_how` raise `ValueError` with the same messages wherever they run; the
+    callers prefix them with where (a config key, a layer name, a schedule entry).
+    """
 
     num_experts: int
     top_k: int
     expert_d_ff: int
     segments: int = 1
+
+    def check(self, router: str = "topk") -> "ExpertShape":
+        """Raise ValueError unless an MoE layer with `router` ("topk" | "prototype") can have this shape."""
+        for key, value in self._asdict().items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r} must be a positive integer")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if router == "prototype" and self.num_experts % self.top_k:
+            raise ValueError(f"router 'prototype' needs num_experts={self.num_experts} divisible by "
+                             f"top_k={self.top_k} (k groups of experts)")
+        if self.top_k % self.segments or self.num_experts % self.segments:
+            raise ValueError(f"segments={self.segments} must divide top_k={self.top_k} and num_experts="
+                             f"{self.num_experts} (every piece of a chosen expert is chosen)")
+        return self
+
+    def merge_how(self, factor: int, how: str = "auto") -> str:
+        """"concat" or "average": what a merge by `factor` does ("auto" concatenates segment pieces when the
+        experts' `segments` count is divisible by `factor`, else averages split copies)."""
+        if how not in MERGE_HOW:
+            raise ValueError(f"how={how!r} must be one of {MERGE_HOW}")
+        if how == "auto":
+            return "concat" if self.segments % factor == 0 else "average"
+        return how
+
+    def after(self, op: str, factor: int, router: str = "topk", how: str = "auto") -> "ExpertShape":
+        """The shape `op` ("segment" | "split" | "merge") by `factor` leaves, or ValueError saying why it cannot run.
+
+        segment: each expert's hidden units cut into `factor` experts, top_k × factor. split: `factor` copies of each
+        expert, top_k unchanged. merge: "concat" joins segment pieces back (top_k / factor), "average" averages the
+        copies a split made (top_k unchanged; whole experts within each routing group).
+        """
+        if op not in EXPERT_OPS:
+            raise ValueError(f"op={op!r} must be one of {EXPERT_OPS}")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"factor={factor!r} must be an integer >= 2")
+        n = factor
+        if op == "segment":
+            if self.expert_d_ff % n:
+                raise ValueError(f"expert_d_ff={self.expert_d_ff} is not divisible by factor={n}")
+            return self._replace(num_experts=self.num_experts * n, top_k=self.top_k * n,
+                                 expert_d_ff=self.expert_d_ff // n, segments=self.segments * n)
+        if op == "split":
+            return self._replace(num_experts=self.num_experts * n)
+        if self.merge_how(n, how) == "concat":
+            if self.segments % n:
+                raise ValueError(f"how='concat' joins segment pieces, but the experts are {self.segments} "
+                                 f"piece(s) each — not divisible by factor={n}")
+            return self._replace(num_experts=self.num_experts // n, top_k=self.top_k // n,
+                                 expert_d_ff=self.expert_d_ff * n, segments=self.segments // n)
+        if self.top_k * n > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} × factor={n} exceeds num_experts={self.num_experts}; the merged "
+                             f"layer would have fewer experts than each token picks")
+        per_group = self.num_experts // (self.top_k if router == "prototype" else 1)
+        unit = self.segments if router == "topk" else 1
+        if per_group % (n * unit):
+            whole = f" whole experts of {self.segments} segment pieces" if unit > 1 else ""
+            raise ValueError(f"{per_group} experts per routing group cannot be merged in groups of factor={n}"
+                             f"{whole}")
+        return self._replace(num_experts=self.num_experts // n)
 
 
 @dataclass
@@ -309,15 +379,10 @@ class M6Config:
             if block in seen:
                 raise ValueError(f"{where}: block {block} has more than one entry")
             seen.add(block)
-            shape = self.expert_shape(block)
-            if shape.top_k > shape.num_experts:
-                raise ValueError(f"{where}: top_k={shape.top_k} must be <= num_experts={shape.num_experts}")
-            if self.router == "prototype" and shape.num_experts % shape.top_k:
-                raise ValueError(f"{where}: router 'prototype' needs num_experts={shape.num_experts} divisible by "
-                                 f"top_k={shape.top_k}")
-            if shape.top_k % shape.segments or shape.num_experts % shape.segments:
-                raise ValueError(f"{where}: segments={shape.segments} must divide top_k={shape.top_k} and "
-                                 f"num_experts={shape.num_experts} (every piece of a chosen expert is chosen)")
+            try:
+                self.expert_shape(block).check(self.router)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
 
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:

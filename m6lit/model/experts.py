@@ -26,18 +26,20 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .config import ExpertShape
+from .config import EXPERT_OPS, MERGE_HOW, ExpertShape
 from .moe import MoELayer
 from .sharing import ParamLink, ParamMap
 
-OPS = ("segment", "split", "merge")
+OPS = EXPERT_OPS
 MERGE_WEIGHTS = ("load", "uniform")
-MERGE_HOW = ("auto", "concat", "average")
 
 
-def _check_factor(factor: int, what: str) -> None:
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-        raise ValueError(f"{what}: factor={factor!r} must be an integer >= 2")
+def _shape_after(layer: MoELayer, op: str, factor: int, what: str, how: str = "auto") -> ExpertShape:
+    """`ExpertShape.after` for this layer, its error prefixed with `what`."""
+    try:
+        return layer_shape(layer).after(op, factor, layer.router.kind, how)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
 
 
 def _check_moe(layer: object, what: str) -> MoELayer:
@@ -113,12 +115,10 @@ def segment_experts(layer: MoELayer, factor: int, name: str = "") -> ParamMap:
     """
     what = f"segment_experts({_label(name)})"
     layer = _check_moe(layer, what)
-    _check_factor(factor, what)
+    new = _shape_after(layer, "segment", factor, what)
     router, experts = layer.router, layer.experts
     num_experts, top_k = layer.num_experts, layer.top_k
     d_ff = experts.w_gate.shape[1]
-    if d_ff % factor:
-        raise ValueError(f"{what}: expert_d_ff={d_ff} is not divisible by factor={factor}")
     src, piece = segment_index(router.kind, num_experts, top_k, factor)
     src, piece = src.to(router.weight.device), piece.to(router.weight.device)
     scale = float(factor) if router.kind == "topk" else 1.0
@@ -141,7 +141,7 @@ def segment_experts(layer: MoELayer, factor: int, name: str = "") -> ParamMap:
     plan = [("router.weight", rows, None, factor), ("experts.w_gate", up, None, 1),
             ("experts.w_up", up, None, 1), ("experts.w_down", down_scaled, down, factor)]
     param_map = _rebuild(layer, plan, name, "segment")
-    _set_shape(layer, num_experts * factor, top_k * factor, layer.segments * factor, offset)
+    _set_shape(layer, new, offset)
     return param_map
 
 
@@ -160,7 +160,7 @@ def split_experts(layer: MoELayer, factor: int, noise: float = 0.0, generator: t
     """
     what = f"split_experts({_label(name)})"
     layer = _check_moe(layer, what)
-    _check_factor(factor, what)
+    new = _shape_after(layer, "split", factor, what)
     if noise < 0:
         raise ValueError(f"{what}: noise={noise} must be >= 0")
     router = layer.router
@@ -194,7 +194,7 @@ def split_experts(layer: MoELayer, factor: int, noise: float = 0.0, generator: t
     plan = [("router.weight", router_rows, gather, factor), ("experts.w_gate", gather, None, factor),
             ("experts.w_up", gather, None, factor), ("experts.w_down", gather, None, factor)]
     param_map = _rebuild(layer, plan, name, "split")
-    _set_shape(layer, num_experts * factor, top_k, layer.segments, offset)
+    _set_shape(layer, new, offset)
     return param_map
 
 
@@ -214,32 +214,13 @@ def merge_experts(layer: MoELayer, factor: int, weights: Literal["load", "unifor
     """
     what = f"merge_experts({_label(name)})"
     layer = _check_moe(layer, what)
-    _check_factor(factor, what)
     if weights not in MERGE_WEIGHTS:
         raise ValueError(f"{what}: weights={weights!r} must be one of {MERGE_WEIGHTS}")
-    if how not in MERGE_HOW:
-        raise ValueError(f"{what}: how={how!r} must be one of {MERGE_HOW}")
+    new = _shape_after(layer, "merge", factor, what, how)
+    how = layer_shape(layer).merge_how(factor, how)
     router, experts = layer.router, layer.experts
-    num_experts, top_k, segments = layer.num_experts, layer.top_k, layer.segments
+    num_experts = layer.num_experts
     kind = router.kind
-    if how == "auto":
-        how = "concat" if segments % factor == 0 else "average"
-    if how == "concat":
-        if segments % factor:
-            raise ValueError(f"{what}: how='concat' joins segment pieces, but the layer's experts are "
-                             f"{segments} piece(s) each — not divisible by factor={factor}")
-        new_top_k, new_segments = top_k // factor, segments // factor
-    else:
-        if top_k * factor > num_experts:
-            raise ValueError(f"{what}: top_k={top_k} × factor={factor} exceeds num_experts={num_experts}; the merged "
-                             f"layer would have fewer experts than each token picks")
-        per_group = num_experts // _groups(layer)
-        unit = segments if kind == "topk" else 1
-        if per_group % (factor * unit):
-            raise ValueError(f"{what}: {per_group} experts per routing group cannot be merged in groups of "
-                             f"factor={factor}" + (f" whole experts of {segments} segment pieces" if unit > 1
-                                                   else ""))
-        new_top_k, new_segments = top_k, segments
     device = router.weight.device
     members = merge_members(kind, num_experts, _groups(layer), factor, how).to(device)
     mix = _merge_weights(weights, load, members, num_experts, what)
@@ -271,7 +252,7 @@ def merge_experts(layer: MoELayer, factor: int, weights: Literal["load", "unifor
         plan = [(pname, average, None, 1 / factor)
                 for pname in ("router.weight", "experts.w_gate", "experts.w_up", "experts.w_down")]
     param_map = _rebuild(layer, plan, name, "merge")
-    _set_shape(layer, num_experts // factor, new_top_k, new_segments, offset)
+    _set_shape(layer, new, offset)
     return param_map
 
 
@@ -312,10 +293,10 @@ def _contiguous(fn: Callable[[list[Tensor]], Tensor]) -> Callable[[list[Tensor]]
     return lambda tensors: fn(tensors).contiguous()
 
 
-def _set_shape(layer: MoELayer, num_experts: int, top_k: int, segments: int, offset: Tensor) -> None:
-    layer.num_experts = layer.router.num_experts = layer.experts.num_experts = num_experts
-    layer.top_k = layer.router.top_k = top_k
-    layer.segments = segments
+def _set_shape(layer: MoELayer, shape: ExpertShape, offset: Tensor) -> None:
+    layer.num_experts = layer.router.num_experts = layer.experts.num_experts = shape.num_experts
+    layer.top_k = layer.router.top_k = shape.top_k
+    layer.segments = shape.segments
     layer.router.logit_offset = offset.detach().to(layer.router.logit_offset.dtype).contiguous()
 
 
@@ -406,15 +387,28 @@ def match_expert_shapes(model: nn.Module, overrides: list[dict[str, int]] | None
         old = module.ffn
         fresh = MoELayer(config.d_model, want.expert_d_ff, want.num_experts, want.top_k, router=config.router,
                          capacity_factor=config.capacity_factor, norm_topk=config.router_norm_topk,
-                         segments=want.segments)
-        like = dict(old.named_parameters())
-        like.update(old.named_buffers())
-        with torch.no_grad():
-            for tname, tensor in [*fresh.named_parameters(), *fresh.named_buffers()]:
-                tensor.data = tensor.data.to(device=like[tname].device, dtype=like[tname].dtype)
+                         segments=want.segments, init_std=old.router.init_std,
+                         out_init_std=old.experts.out_init_std, device="meta")
+        _empty_like(fresh, old)
         module.ffn = fresh
         rebuilt.append(block)
     return rebuilt
+
+
+def _empty_like(fresh: nn.Module, old: nn.Module) -> None:
+    """Give `fresh`'s (meta) tensors uninitialised storage on the device and dtype of `old`'s tensor of the same
+    name (shapes stay `fresh`'s); requires_grad follows `old`. No random numbers are drawn."""
+    like = dict(old.named_parameters())
+    like.update(old.named_buffers())
+    for prefix, module in fresh.named_modules():
+        for table in (module._parameters, module._buffers):
+            for tname, tensor in table.items():
+                if tensor is None:
+                    continue
+                ref = like[f"{prefix}.{tname}" if prefix else tname]
+                empty = torch.empty_like(tensor, device=ref.device, dtype=ref.dtype)
+                table[tname] = nn.Parameter(empty, requires_grad=ref.requires_grad) if table is module._parameters \
+                    else empty
 
 
 __all__ = ["MERGE_HOW", "MERGE_WEIGHTS", "OPS", "apply_expert_op", "layer_shape", "match_expert_shapes",

@@ -21,7 +21,7 @@ from .block import TransformerBlock, checkpointed_call
 from .config import M6Config
 from .embeddings import M6Embeddings
 from .image_vocab import ImageVocab, mask_image_ids
-from .moe import MoEAux, MoELayer, init_moe_
+from .moe import MoEAux, MoELayer
 
 IGNORE_INDEX = -100
 
@@ -107,24 +107,42 @@ class M6Model(nn.Module):
 
     # ------------------------------------------------------------------ construction
     def build_block(self, moe: bool, block: int = 0) -> TransformerBlock:
-        """A fresh (uninitialised) physical block of the configured shape (physical block `block`'s expert shape)."""
+        """A fresh physical block of the configured shape (physical block `block`'s expert shape), not yet given
+        the model's initialisation (`init_weights`). Under `torch.device("meta")` every tensor is on the meta device
+        (a skeleton, as `delink` uses)."""
         c = self.config
         layer = None
         if moe:
             shape = c.expert_shape(block)
+            # built on the meta device so that construction draws no random numbers (init_weights draws them, in
+            # the seeded order), then given uninitialised storage where the model's other weights are created
             layer = MoELayer(c.d_model, shape.expert_d_ff, shape.num_experts, shape.top_k, router=c.router,
                              capacity_factor=c.capacity_factor, norm_topk=c.router_norm_topk,
-                             segments=shape.segments)
+                             segments=shape.segments, init_std=c.init_std, out_init_std=self._out_init_std(),
+                             device="meta")
+            layer.to_empty(device=self._weight_device())
         return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer)
+
+    def _out_init_std(self) -> float:
+        """Standard deviation of the residual output projections: init_std / sqrt(2 L) (GPT-2)."""
+        return self.config.init_std / math.sqrt(2 * self.config.num_layers)
+
+    def _weight_device(self) -> torch.device:
+        """Where new weights of this model are created: the meta device inside `torch.device("meta")`, else
+        where the token embedding was placed (this also follows accelerate's `init_empty_weights`)."""
+        ambient = torch.empty(0).device
+        return ambient if ambient.type == "meta" else self.embed.tokens.weight.device
 
     def init_weights(self) -> None:
         """Normal(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 L) (GPT-2), patch
-        positions at the scale of the patch projection's output."""
+        positions at the scale of the patch projection's output, norms to one. MoE layers draw theirs in
+        `reset_parameters` (built with these standard deviations); the draws run in module order, so a seed fixes
+        every weight, and a model built on the meta device is complete after `to_empty` + `init_weights`."""
         std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.num_layers)
+        out_std = self._out_init_std()
         for name, module in self.named_modules():
-            if isinstance(module, MoELayer):
-                init_moe_(module, std, out_std)
+            if isinstance(module, (MoELayer, nn.RMSNorm)):
+                module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
                 is_out = name.endswith("attn.proj") or name.endswith("ffn.w_down")
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
@@ -153,7 +171,7 @@ class M6Model(nn.Module):
         compiled: dict[int, nn.Module] = self._compiled_blocks
         if len(compiled) == len(self.blocks) and all(compiled.get(id(b)) is b for b in self.blocks):
             return
-        # new blocks (a delink's deep copies drop their source's compiled call) run eager until compiled here
+        # new blocks (a delink's fresh blocks have no compiled call) run eager until compiled here
         for block in self.blocks:
             if compiled.get(id(block)) is not block:
                 block.compile(**options)

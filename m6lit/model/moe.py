@@ -7,6 +7,10 @@ by their gates in fp32 and summed over the k slots. No Python loop over experts 
 CUDA grouped path; the combine is a gather plus a sum, so it is deterministic.
 
 Aux losses are returned in `MoEAux`, never stored on the module or in globals.
+
+`Router`, `GroupedExperts` and `MoELayer` initialise themselves (`reset_parameters`, PyTorch's convention: normal
+weights with `init_std`, expert output projections with `out_init_std`), take `device` / `dtype` like `nn.Linear`,
+and work on the meta device: build with `device="meta"`, then `to_empty(device=...)` and `reset_parameters()`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import ExpertShape
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -44,23 +50,32 @@ class Router(nn.Module):
     """fp32 router: logits = x W^T + offset, then top-k ("topk") or k-top-1 ("prototype") selection.
 
     `logit_offset` is a per-expert buffer (zero by default) that expert split/merge uses to keep the softmax mass of
-    cloned experts; it is saved with the model.
+    cloned experts; it is saved with the model. `reset_parameters` draws the weight from N(0, init_std²) and zeroes
+    the offset.
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, kind: str = "topk",
-                 norm_topk: bool = True) -> None:
+                 norm_topk: bool = True, init_std: float = 0.02, device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if kind not in ("topk", "prototype"):
             raise ValueError(f"Router kind={kind!r}: must be 'topk' or 'prototype'")
-        if kind == "prototype" and num_experts % top_k:
-            raise ValueError(f"Router num_experts={num_experts}: prototype routing needs it divisible by "
-                             f"top_k={top_k}")
+        try:
+            ExpertShape(num_experts, top_k, 1).check(kind)
+        except ValueError as err:
+            raise ValueError(f"Router: {err}") from None
         self.num_experts = num_experts
         self.top_k = top_k
         self.kind = kind
         self.norm_topk = norm_topk
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        self.register_buffer("logit_offset", torch.zeros(num_experts))
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
+        self.register_buffer("logit_offset", torch.empty(num_experts, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+        nn.init.zeros_(self.logit_offset)
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 router logits [N, E] (a bf16 softmax merges near-ties and flips choices)."""
@@ -85,14 +100,26 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as 3-D weights: w_gate, w_up [E, d_ff, D]; w_down [E, D, d_ff]."""
+    """E SwiGLU experts as 3-D weights: w_gate, w_up [E, d_ff, D]; w_down [E, D, d_ff]. `reset_parameters` draws
+    w_gate and w_up from N(0, init_std²) and w_down from N(0, out_init_std²) (default: init_std)."""
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int) -> None:
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, init_std: float = 0.02,
+                 out_init_std: Optional[float] = None, device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.init_std = init_std
+        self.out_init_std = init_std if out_init_std is None else out_init_std
+        factory = {"device": device, "dtype": dtype}
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.w_up = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_gate, std=self.init_std)
+        nn.init.normal_(self.w_up, std=self.init_std)
+        nn.init.normal_(self.w_down, std=self.out_init_std)
 
     def forward(self, x: Tensor, counts: Tensor, scale: Optional[Tensor] = None) -> Tensor:
         """Apply expert e to its contiguous rows of `x` (rows sorted by expert; `counts[e]` rows each).
@@ -174,25 +201,36 @@ class MoELayer(nn.Module):
 
     `segments` records how many pieces `segment_experts` cut each original expert into (1 = never segmented), so
     `merge_experts` knows the layout it has to undo; it does not change the forward.
+    Initialised on construction (`reset_parameters`: router, then experts; see `Router` and `GroupedExperts`).
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, router: str = "topk",
-                 capacity_factor: Optional[float] = None, norm_topk: bool = True, segments: int = 1) -> None:
+                 capacity_factor: Optional[float] = None, norm_topk: bool = True, segments: int = 1,
+                 init_std: float = 0.02, out_init_std: Optional[float] = None,
+                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoELayer top_k={top_k}: must be in [1, num_experts={num_experts}]")
+        if router not in ("topk", "prototype"):
+            raise ValueError(f"MoELayer router={router!r}: must be 'topk' or 'prototype'")
+        try:
+            ExpertShape(num_experts, top_k, d_ff, segments).check(router)
+        except ValueError as err:
+            raise ValueError(f"MoELayer: {err}") from None
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"MoELayer capacity_factor={capacity_factor}: must be > 0 or None")
-        if segments < 1 or top_k % segments or num_experts % segments:
-            raise ValueError(f"MoELayer segments={segments}: must divide top_k={top_k} and num_experts={num_experts}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.segments = segments
         self.capacity_factor = capacity_factor
-        self.router = Router(d_model, num_experts, top_k, router, norm_topk)
-        self.experts = GroupedExperts(num_experts, d_model, d_ff)
+        factory = {"device": device, "dtype": dtype}
+        self.router = Router(d_model, num_experts, top_k, router, norm_topk, init_std, **factory)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, init_std, out_init_std, **factory)
         # set by expert_parallel.shard_experts: the experts then hold this rank's slice and run over its group
         self.expert_parallel: Optional[Any] = None
+
+    def reset_parameters(self) -> None:
+        """Router weight, then w_gate, w_up, w_down (this order is part of M6Model's seeded initialisation)."""
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
 
     @property
     def router_kind(self) -> str:
@@ -331,9 +369,9 @@ def _segment_sums(flags_sorted: Tensor, bounds: Tensor) -> Tensor:
 
 
 def init_moe_(layer: MoELayer, std: float, out_std: float) -> None:
-    """Initialise router and expert weights (normal; output projections with `out_std`)."""
-    nn.init.normal_(layer.router.weight, std=std)
-    nn.init.normal_(layer.experts.w_gate, std=std)
-    nn.init.normal_(layer.experts.w_up, std=std)
-    nn.init.normal_(layer.experts.w_down, std=out_std)
+    """Re-initialise `layer` with other standard deviations (weights `std`, expert output projections `out_std`):
+    records them on the layer and calls its `reset_parameters`."""
+    layer.router.init_std = layer.experts.init_std = std
+    layer.experts.out_init_std = out_std
+    layer.reset_parameters()
 

@@ -3,16 +3,17 @@
 A model has `num_layers` logical layers and K physical blocks; `layer_to_block` maps one to the other:
   cycle: layer i uses block i mod K        (Takase & Kiyono's CYCLE)
   stack: layer i uses block i div (L/K)    (their SEQUENCE)
-`delink` turns K blocks into K' (a multiple of K) by cloning, so the network computes exactly the same function, and
-returns a `ParamMap` (old parameter → the new parameters cloned from it) for the optimizer-state transfer.
+`delink` turns K blocks into K' (a multiple of K) — each new block built from the config and given copies of its
+source block's tensors — so the network computes exactly the same function, and returns a `ParamMap` (old
+parameter → the new parameters copied from it) for the optimizer-state transfer.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 
 
@@ -90,26 +91,38 @@ class ParamMap:
         return self
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+def fresh_block_like(model: nn.Module, block: int) -> nn.Module:
+    """A new physical block built from the model's config in the shape of block `block`, holding copies of that
+    block's tensors (fresh storage, same dtype, device and requires_grad), in the same train/eval mode, running
+    the same expert-parallel group if it has one — and nothing else: no hooks, no compiled call, no grads (the
+    strategy and the compiler re-attach theirs to new blocks on purpose).
 
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """Deep copy with fresh storage for every parameter and buffer (same dtype, device, requires_grad), no grads
-    and no hooks (placement hooks belong to whoever installed them and must be re-installed on purpose). Hook
-    dicts are swapped for empty ones before copying, so whatever a hook refers to (its owner, a trainer) is never
-    deep-copied."""
-    memo: dict[int, object] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = b.detach().clone()
-    for m in module.modules():
-        for name in _HOOK_DICTS:
-            hooks = getattr(m, name, None)
-            if hooks is not None:
-                memo[id(hooks)] = type(hooks)()
-    return copy.deepcopy(module, memo)
+    The skeleton is built on the meta device, so no random numbers are drawn and nothing is allocated twice. A
+    tensor name the config's block does not have (or lacks) is an error naming it.
+    """
+    source = model.blocks[block]
+    with torch.device("meta"):
+        fresh = model.build_block(getattr(source, "is_moe", False), block)
+    where = f"delink: blocks.{block}"
+    ours = {n for n, _ in fresh.named_parameters()} | {n for n, _ in fresh.named_buffers()}
+    theirs = {n for n, _ in source.named_parameters()} | {n for n, _ in source.named_buffers()}
+    if ours != theirs:
+        raise ValueError(f"{where} does not match a block built from the config: tensors only in the model "
+                         f"{sorted(theirs - ours)}, only in the config's block {sorted(ours - theirs)}")
+    sources = {name: module for name, module in source.named_modules()}
+    with torch.no_grad():
+        for name, module in fresh.named_modules():
+            old = sources[name]
+            for pname, p in old._parameters.items():
+                if p is not None:
+                    module._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for bname, b in old._buffers.items():
+                if b is not None:
+                    module._buffers[bname] = b.detach().clone()
+            module.training = old.training
+            if hasattr(old, "expert_parallel"):
+                module.expert_parallel = old.expert_parallel
+    return fresh
 
 
 def delink(model: nn.Module, num_unique_blocks: Optional[int] = None) -> ParamMap:
@@ -144,7 +157,7 @@ def delink(model: nn.Module, num_unique_blocks: Optional[int] = None) -> ParamMa
     for new_b in range(new_k):
         old_b = source_of[new_b]
         old_block = model.blocks[old_b]
-        block = clone_module(old_block)
+        block = fresh_block_like(model, old_b)
         old_params = dict(old_block.named_parameters())
         for name, p in block.named_parameters():
             param_map.links.append(ParamLink(
@@ -167,4 +180,4 @@ def blocks_share_storage(a: nn.Module, b: nn.Module) -> bool:
     return any(p.untyped_storage().data_ptr() in ptrs for p in b.parameters())
 
 
-__all__ = ["ParamLink", "ParamMap", "blocks_share_storage", "clone_module", "delink", "layer_to_block"]
+__all__ = ["ParamLink", "ParamMap", "blocks_share_storage", "delink", "fresh_block_like", "layer_to_block"]

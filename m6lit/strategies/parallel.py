@@ -226,7 +226,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 child.to(self.root_device)
 
     def on_parameters_changed(self, param_map: Any = None) -> None:
-        from m6lit.callbacks.structure import describe_change
+        from m6lit.structure import describe_change
 
         raise RuntimeError(f"{type(self).__name__} cannot apply a structural change mid-run "
                            f"({describe_change(param_map)}): its blocks are sharded by fully_shard. Make the change "
@@ -358,7 +358,7 @@ class ExpertParallelStrategy(DDPStrategy):
     def on_parameters_changed(self, param_map: Any = None) -> None:
         """After a delink: the clones keep their expert slices; re-register them and rebuild DDP. Expert ops are
         refused (their index maps cover the full expert dimension)."""
-        from m6lit.callbacks.structure import describe_change
+        from m6lit.structure import describe_change
 
         kinds = {link.kind for link in param_map} if param_map is not None else set()
         if kinds & set(EXPERT_OPS):
