@@ -12,6 +12,7 @@ the sample's values, as ``val/tag/<attribute>/{exact,f1,top1}``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -179,13 +180,15 @@ class AttributeTagger(LightningModule):
         head: ``linear`` or ``mlp`` (one hidden layer of ``hidden`` units, GELU).
         freeze_backbone: keep the backbone fixed (eval mode, no gradients); False fine-tunes it at ``backbone_lr``.
         lr / weight_decay: AdamW settings of the head.
+        attributes: the attribute vocabulary (default: the data module's; kept in checkpoints).
+        backbone_source: where the backbone came from (recorded in checkpoints, which rebuild it from ``config``).
     """
 
-    def __init__(self, backbone: Optional[str] = None, config: Optional[M6Config] = None,
+    def __init__(self, backbone: Optional[str] = None, config: Optional[M6Config | dict] = None,
                  modality: FeatureModality = "image", pooling: Pooling = "mean",
                  head: Literal["linear", "mlp"] = "linear", hidden: int = 256, freeze_backbone: bool = True,
                  lr: float = 1e-2, weight_decay: float = 0.0, backbone_lr: float = 1e-4,
-                 attributes: Optional[dict[str, list[str]]] = None) -> None:
+                 attributes: Optional[dict[str, list[str]]] = None, backbone_source: Optional[str] = None) -> None:
         super().__init__()
         check_feature_options(modality, pooling, key="model")
         if head not in ("linear", "mlp"):
@@ -193,7 +196,12 @@ class AttributeTagger(LightningModule):
         if backbone is None and config is None:
             raise ValueError("model.backbone (a checkpoint or exported folder) or model.config is required")
         self.save_hyperparameters()
+        if isinstance(config, dict):
+            config = M6Config(**config)
         self.backbone = load_backbone(backbone) if backbone is not None else M6Model(config)
+        # checkpoints rebuild the backbone from its config (the weights are in the state dict), not from the path
+        self.hparams.update(backbone=None, backbone_source=backbone or self.hparams.get("backbone_source"),
+                            config=dataclasses.asdict(self.backbone.config))
         self.head: Optional[nn.Module] = None
         self.vocab: Optional[AttributeVocab] = AttributeVocab(attributes) if attributes else None
         if self.vocab is not None:
