@@ -18,11 +18,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
+from transformers import GenerationConfig
 
 from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 from .model.embeddings import check_token_ids
 from .model.flops import training_flops
+from .model.hf import M6ForConditionalGeneration, left_pad
 from .model.m6 import chunked_lm_loss
 
 #: batches over which tokens/s, samples/s and MFU are averaged (host wall clock, no device sync)
@@ -489,14 +491,29 @@ class M6LitModule(LightningModule):
         self._log_eval("test", self.test_nll, self.test_acc)
 
     def generate(self, batch: dict[str, Tensor], **overrides: Any) -> Tensor:
-        """Generate continuations of the batch's prompts (image + prefix) with the module's decoding settings."""
+        """New tokens [B, n] (n <= max_new_tokens; pad after a row's EOS) continuing the batch's prompts (image +
+        prompt tokens in m6lit's right-padded batch contract) with the module's decoding settings; `overrides` are
+        `transformers.GenerationConfig` fields (`max_new_tokens`, `do_sample`, `eos_token_id`, ...).
+
+        This is transformers' `generate` on `M6ForConditionalGeneration.from_m6(self.model)`, a wrapper around
+        this very model (no weights copied), with the prompts padded on the left."""
         hp = self.hparams
-        settings = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample, temperature=hp.temperature,
-                        top_p=hp.top_p)
+        settings: dict[str, Any] = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample)
+        if settings["do_sample"] or overrides.get("do_sample"):
+            settings.update(temperature=hp.temperature, top_p=hp.top_p, top_k=0)
         settings.update(overrides)
-        return self.model.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                   prefix_len=batch.get("prefix_len"), pixel_values=batch.get("pixel_values"),
-                                   image_mask=batch.get("image_mask"), **settings)
+        config = self.model.config
+        generation = GenerationConfig(**{"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+                                         **settings})
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        input_ids, attention_mask = left_pad(batch["input_ids"], mask, config.pad_token_id)
+        prompts = {key: batch[key] for key in ("prefix_len", "pixel_values", "image_mask") if key in batch}
+        wrapper = M6ForConditionalGeneration.from_m6(self.model)
+        tokens = wrapper.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation,
+                                  **prompts)
+        return tokens[:, input_ids.shape[1]:]
 
     def setup(self, stage: str) -> None:
         """With an image tokenizer in the data module, check that it matches the model's image vocabulary."""
