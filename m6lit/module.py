@@ -18,13 +18,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import GenerationConfig
 
 from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 from .model.embeddings import check_token_ids
 from .model.flops import training_flops
-from .model.hf import M6ForConditionalGeneration, left_pad
+from .model.hf import generate_text
 from .model.m6 import chunked_lm_loss
 
 #: batches over which tokens/s, samples/s and MFU are averaged (host wall clock, no device sync)
@@ -491,29 +490,15 @@ class M6LitModule(LightningModule):
         self._log_eval("test", self.test_nll, self.test_acc)
 
     def generate(self, batch: dict[str, Tensor], **overrides: Any) -> Tensor:
-        """New tokens [B, n] (n <= max_new_tokens; pad after a row's EOS) continuing the batch's prompts (image +
-        prompt tokens in m6lit's right-padded batch contract) with the module's decoding settings; `overrides` are
-        `transformers.GenerationConfig` fields (`max_new_tokens`, `do_sample`, `eos_token_id`, ...).
-
-        This is transformers' `generate` on `M6ForConditionalGeneration.from_m6(self.model)`, a wrapper around
-        this very model (no weights copied), with the prompts padded on the left."""
+        """New tokens [B, n] continuing the batch's prompts (image + prompt tokens) with the module's decoding
+        settings, through `m6lit.model.hf.generate_text` (transformers' `generate` on this very model); `overrides`
+        are `transformers.GenerationConfig` fields (`max_new_tokens`, `do_sample`, `eos_token_id`, ...)."""
         hp = self.hparams
         settings: dict[str, Any] = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample)
-        if settings["do_sample"] or overrides.get("do_sample"):
+        if overrides.get("do_sample", hp.do_sample):  # sampling settings only when sampling (transformers warns)
             settings.update(temperature=hp.temperature, top_p=hp.top_p, top_k=0)
         settings.update(overrides)
-        config = self.model.config
-        generation = GenerationConfig(**{"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-                                         **settings})
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
-        input_ids, attention_mask = left_pad(batch["input_ids"], mask, config.pad_token_id)
-        prompts = {key: batch[key] for key in ("prefix_len", "pixel_values", "image_mask") if key in batch}
-        wrapper = M6ForConditionalGeneration.from_m6(self.model)
-        tokens = wrapper.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation,
-                                  **prompts)
-        return tokens[:, input_ids.shape[1]:]
+        return generate_text(self.model, batch, **settings)
 
     def setup(self, stage: str) -> None:
         """With an image tokenizer in the data module, check that it matches the model's image vocabulary."""

@@ -18,7 +18,7 @@ The config's `auto_map` names the model for `AutoModelForCausalLM`, `AutoModel` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import M6Config
 from .image_vocab import ImageVocab, mask_image_ids
-from .m6 import M6Model, lm_loss, text_positions
+from .m6 import M6Model, left_pad, lm_loss, text_positions
 from .processing import M6ImageProcessor, M6Processor
 
 # transformers reads generation settings (top_k, temperature, ...) from a model config and refuses to save a config
@@ -194,6 +194,14 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
         return result.to_tuple() if return_dict is False else result
 
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs for each step, always with the attention mask of the text so far: `generate` drops
+        an all-ones mask, but `M6Model.forward` reads from it how much of its cache is text and how much image."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+
     def generate(self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs: Any) -> Any:
         """transformers' `generate` with m6lit's defaults: the whole (left-padded) prompt is bidirectional context
@@ -261,6 +269,27 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return result["images"]
 
 
+def generate_text(model: M6Model, batch: Mapping[str, Tensor], **generation: Any) -> Tensor:
+    """New tokens [B, n] (n <= max_new_tokens; pad after a row's EOS) continuing the prompts of an m6lit batch
+    (`input_ids`, `attention_mask` padded on either side, optional `prefix_len`, `pixel_values`, `image_mask`):
+    transformers' `generate` on `M6ForConditionalGeneration.from_m6(model)` — the same parameters, nothing copied —
+    with the prompts left-padded. `generation`: `GenerationConfig` fields (`max_new_tokens`, `do_sample`,
+    `eos_token_id`, `use_cache`, ...); EOS and pad default to the model config's. Call `model.eval()` first."""
+    c = model.config
+    config = GenerationConfig(**{"eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, **generation})
+    temperature, top_p = config.temperature, config.top_p
+    if config.do_sample and ((temperature is not None and temperature <= 0) or not 0 < (1.0 if top_p is None else top_p) <= 1):
+        raise ValueError(f"generate: temperature={temperature} must be > 0 and top_p={top_p} in (0, 1] when sampling")
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    input_ids, attention_mask = left_pad(batch["input_ids"], mask, c.pad_token_id)
+    extra = {key: batch[key] for key in ("prefix_len", "pixel_values", "image_mask") if batch.get(key) is not None}
+    tokens = M6ForConditionalGeneration.from_m6(model).generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                                generation_config=config, **extra)
+    return tokens[:, input_ids.shape[1]:]
+
+
 class TextOnly(LogitsProcessor):
     """Keeps text generation inside the text vocabulary: begin/end-of-image and image codes get -inf (a model
     that also generates images; `generate` adds it by itself)."""
@@ -270,23 +299,6 @@ class TextOnly(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         return mask_image_ids(scores, self.vocab)
-
-
-def left_pad(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Prompts [B, T] padded anywhere (m6lit's batches pad on the right) as left-padded `input_ids` and a bool
-    `attention_mask` [B, W], W the longest prompt: each row's valid tokens in order, right-aligned, which is what
-    transformers' `generate` continues."""
-    mask = attention_mask.bool()
-    lengths = mask.sum(1)
-    empty = (lengths == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"generate: prompt rows {empty} are empty (attention_mask has no valid token)")
-    width = int(lengths.max())
-    # a stable sort of the validity moves each row's tokens, in order, behind its padding
-    order = mask.to(torch.uint8).sort(dim=1, stable=True).indices[:, -width:]
-    ids = input_ids.gather(1, order)
-    left = torch.arange(width, device=mask.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-    return ids.masked_fill(~left, pad_token_id), left
 
 
 def drop_final_eos(input_ids: Tensor, attention_mask: Tensor | None, eos_token_id: int | None,
@@ -331,4 +343,4 @@ M6HFConfig.register_for_auto_class()
 M6ForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["CONFIG_KEYS", "MODEL_AUTO_CLASSES", "M6ForConditionalGeneration", "M6HFConfig", "TextOnly",
-           "drop_final_eos", "left_pad", "register_auto_classes", "text_positions"]
+           "drop_final_eos", "generate_text", "left_pad", "register_auto_classes", "text_positions"]

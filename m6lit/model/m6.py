@@ -91,6 +91,23 @@ def text_positions(attention_mask: Tensor) -> Tensor:
     return torch.where(attention_mask, attention_mask.long().cumsum(1) - 1, columns)
 
 
+def left_pad(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts [B, T] padded anywhere (m6lit's batches pad on the right) as left-padded `input_ids` and a bool
+    `attention_mask` [B, W], W the longest prompt: each row's valid tokens in order, right-aligned — the one padding
+    of generation (transformers' `generate` continues the last column)."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"generate: prompt rows {empty} are empty (attention_mask has no valid token)")
+    width = int(lengths.max())
+    # a stable sort of the validity moves each row's tokens, in order, behind its padding
+    order = mask.to(torch.uint8).sort(dim=1, stable=True).indices[:, -width:]
+    ids = input_ids.gather(1, order)
+    left = torch.arange(width, device=mask.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    return ids.masked_fill(~left, pad_token_id), left
+
+
 class M6Model(nn.Module):
     """Multimodal prefix-LM transformer with cross-layer sharing and MoE FFNs (pure PyTorch)."""
 
@@ -179,9 +196,9 @@ class M6Model(nn.Module):
         `cache`: a KV cache with transformers' `Cache` interface (`update(key, value, layer_idx)`,
         `get_seq_length()`; a `DynamicCache` or m6lit's `KVCache`), one entry per logical layer. An empty cache is
         filled with this call (the image patches first); with a non-empty one the call continues it:
-        `input_ids` [B, n] are the new tokens, `attention_mask` [B, T_past + n] covers all of the text so far,
-        pixel values are not embedded again (`image_mask` still says which rows have an image) and the logits
-        cover the new tokens.
+        `input_ids` [B, n] are the new tokens, `attention_mask` [B, T_past + n] (required) covers all of the text
+        so far, pixel values are not embedded again (`image_mask` still says which rows have an image) and the
+        logits cover the new tokens.
         """
         if "input_ids" not in batch:
             raise KeyError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
@@ -192,7 +209,7 @@ class M6Model(nn.Module):
         if attention_mask is None:
             if past:
                 raise ValueError("M6Model: with a non-empty cache, batch['attention_mask'] must cover the text so far "
-                                 "and the new tokens")
+                                 "and the new tokens (the cache holds the image too, so its length alone cannot say)")
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         prefix_len = batch.get("prefix_len")
