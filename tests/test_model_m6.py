@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from m6lit.model import IGNORE_INDEX, KVCache, M6Config, M6Model, lm_loss, token_stats
-from m6lit.model.m6 import chunked_lm_loss, left_pad
+from m6lit.model.m6 import chunked_lm_loss, left_pad, text_positions
 
 VOCAB = 64
 EOS, PAD = 1, 0
@@ -105,6 +105,15 @@ def test_lm_loss_and_token_stats_shift_and_ignore() -> None:
 def _left(prompts: dict) -> dict:
     ids, mask = left_pad(prompts["input_ids"], prompts["attention_mask"], PAD)
     return dict(prompts, input_ids=ids, attention_mask=mask)
+
+
+def test_text_positions_are_column_indices_for_right_padding_and_counts_otherwise() -> None:
+    """Training batches (right-padded) keep the positions `arange(T)` they always had, bit for bit; left padding
+    and holes (tokens appended after padding) count the valid tokens before each column."""
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(text_positions(right), torch.arange(4).expand(4, 4))
+    odd = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    assert text_positions(odd).tolist() == [[0, 1, 0, 1], [0, 1, 1, 2]]
 
 
 @pytest.mark.parametrize("images", [True, False])
