@@ -1,5 +1,6 @@
 """Hugging Face wrapper: config round trip, Auto registration, logit parity with M6Model (cached and uncached),
-generation through transformers (m6lit's only text generation) against a full forward per prompt, and loading that initialises only missing weights."""
+generation through transformers (m6lit's only text generation) against a full forward per prompt, and loading that
+initialises only missing weights."""
 
 from __future__ import annotations
 

@@ -302,5 +302,6 @@ def test_greedy_generation_equals_the_former_decoder_on_the_demo_prompts() -> No
     assert tokens.tolist() == GREEDY_WITH_IMAGE_VOCAB_BEFORE and int(tokens.max()) < data.vocab_size
     # the same continuation for one row alone, unpadded: padding changes nothing
     alone = {k: v[4:5] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim()}
-    alone = dict(alone, input_ids=alone["input_ids"][:, :lengths[4]], attention_mask=alone["attention_mask"][:, :lengths[4]])
+    alone = dict(alone, input_ids=alone["input_ids"][:, :lengths[4]],
+                 attention_mask=alone["attention_mask"][:, :lengths[4]])
     assert module.generate(alone, do_sample=False).tolist() == GREEDY_BEFORE[4:5]

@@ -278,7 +278,8 @@ def generate_text(model: M6Model, batch: Mapping[str, Tensor], **generation: Any
     c = model.config
     config = GenerationConfig(**{"eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, **generation})
     temperature, top_p = config.temperature, config.top_p
-    if config.do_sample and ((temperature is not None and temperature <= 0) or not 0 < (1.0 if top_p is None else top_p) <= 1):
+    bad_top_p = top_p is not None and not 0 < top_p <= 1
+    if config.do_sample and ((temperature is not None and temperature <= 0) or bad_top_p):
         raise ValueError(f"generate: temperature={temperature} must be > 0 and top_p={top_p} in (0, 1] when sampling")
     mask = batch.get("attention_mask")
     if mask is None:
