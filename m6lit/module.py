@@ -23,6 +23,7 @@ from .export import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 from .model.embeddings import check_token_ids
 from .model.flops import training_flops
+from .model.hf import generate_text
 from .model.m6 import chunked_lm_loss
 
 #: batches over which tokens/s, samples/s and MFU are averaged (host wall clock, no device sync)
@@ -489,14 +490,15 @@ class M6LitModule(LightningModule):
         self._log_eval("test", self.test_nll, self.test_acc)
 
     def generate(self, batch: dict[str, Tensor], **overrides: Any) -> Tensor:
-        """Generate continuations of the batch's prompts (image + prefix) with the module's decoding settings."""
+        """New tokens [B, n] continuing the batch's prompts (image + prompt tokens) with the module's decoding
+        settings, through `m6lit.model.hf.generate_text` (transformers' `generate` on this very model); `overrides`
+        are `transformers.GenerationConfig` fields (`max_new_tokens`, `do_sample`, `eos_token_id`, ...)."""
         hp = self.hparams
-        settings = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample, temperature=hp.temperature,
-                        top_p=hp.top_p)
+        settings: dict[str, Any] = dict(max_new_tokens=hp.max_new_tokens, do_sample=hp.do_sample)
+        if overrides.get("do_sample", hp.do_sample):  # sampling settings only when sampling (transformers warns)
+            settings.update(temperature=hp.temperature, top_p=hp.top_p, top_k=0)
         settings.update(overrides)
-        return self.model.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                   prefix_len=batch.get("prefix_len"), pixel_values=batch.get("pixel_values"),
-                                   image_mask=batch.get("image_mask"), **settings)
+        return generate_text(self.model, batch, **settings)
 
     def setup(self, stage: str) -> None:
         """With an image tokenizer in the data module, check that it matches the model's image vocabulary."""

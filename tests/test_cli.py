@@ -127,7 +127,7 @@ def test_resume_from_last_reproduces_the_uninterrupted_losses(tmp_path: Path) ->
 def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Path) -> None:
     tiny = ["--model.config.d_model", "64", "--model.config.d_ff", "128", "--model.config.expert_d_ff", "64",
             "--data.batch_size", "8", "--data.val", '[{"kind": "demo", "num_samples": 16, "seed": 1}]']
-    run_cli("fit", "--config", str(DEMO), "--config",
+    fit = run_cli("fit", "--config", str(DEMO), "--config",
             str(write_overrides(tmp_path / "o.yaml", {"pseudo_to_real": {"delink_step": 3}}, max_steps=4,
                                 val_check_interval=2, log_every_n_steps=1, num_sanity_val_steps=0)),
             *tiny, "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
@@ -135,10 +135,13 @@ def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Pat
     pseudo, real = tmp_path / "checkpoints" / "step0000002.ckpt", tmp_path / "checkpoints" / "step0000004.ckpt"
     assert torch.load(pseudo, weights_only=True)["hyper_parameters"]["config"]["num_unique_blocks"] == 2
     assert torch.load(real, weights_only=True)["hyper_parameters"]["config"]["num_unique_blocks"] == 4
-    for name, ckpt in (("pseudo", pseudo), ("real", real)):
+    # validating a checkpoint reproduces the validation loss the fit logged with the same weights (steps 2 and 4)
+    fitted = [loss for _, loss in sorted(metric(read_history(fit), "val/loss").items())]
+    assert len(fitted) == 2
+    for name, ckpt, expected in (("pseudo", pseudo, fitted[0]), ("real", real, fitted[1])):
         run = run_cli("validate", "--config", str(DEMO), *tiny, "--ckpt_path", str(ckpt), runs=f"runs_{name}")
         (loss,) = [row["val/loss"] for row in read_history(run) if "val/loss" in row]
-        assert 0 < loss < 10
+        assert loss == pytest.approx(expected, rel=1e-6), name
     run_cli("predict", "--config", str(DEMO), *tiny, "--model.max_new_tokens", "6", "--ckpt_path", str(real),
             runs="runs_predict")
     assert not (tmp_path / "predictions.jsonl").exists()  # in the run's log directory, not the working directory

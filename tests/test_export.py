@@ -28,6 +28,7 @@ from m6lit.export import (
     model_from_checkpoint,
 )
 from m6lit.model import M6Model, lm_loss
+from m6lit.model.hf import generate_text
 from m6lit.module import M6LitModule
 
 BYTE_VOCAB = 384  # the ByT5 tokenizer's size, so the exported tokenizer fits the model
@@ -134,8 +135,7 @@ def test_export_matches_the_lightning_module_in_a_process_without_m6lit(run: dic
         prompts["attention_mask"][2, 2:] = False
         prompts["input_ids"] = prompts["input_ids"][:, :4].masked_fill(~prompts["attention_mask"][:, :4], 0)
         prompts["attention_mask"] = prompts["attention_mask"][:, :4]
-        tokens = module.model.generate(prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                                       pixel_values=prompts["pixel_values"], max_new_tokens=6, eos_token_id=-1)
+        tokens = generate_text(module.model, prompts, max_new_tokens=6)
     left_ids = torch.zeros_like(prompts["input_ids"])
     left_mask = torch.zeros_like(prompts["input_ids"])
     for row in range(3):

@@ -7,6 +7,7 @@ import torch
 
 from m6lit.model import Attention, KVCache, M6Config, M6Model, prefix_lm_mask
 from m6lit.model.attention import build_attention_mask, flex_attention, is_block_mask, prefix_lm_block_mask
+from m6lit.model.hf import generate_text
 
 needs_flex = pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention")
 
@@ -63,11 +64,11 @@ def test_kv_cache_refuses_to_overflow() -> None:
     cache = KVCache(num_layers=2, batch=1, n_heads=2, max_len=3, head_dim=4, dtype=torch.float32,
                     device=torch.device("cpu"))
     k = torch.randn(1, 2, 2, 4)
-    keys, values = cache.update(0, k, k + 1)
+    keys, values = cache.update(k, k + 1, 0)
     assert torch.equal(keys, k) and torch.equal(values, k + 1)
-    cache.advance(2)
+    assert (cache.get_seq_length(), cache.get_seq_length(1)) == (2, 0)
     with pytest.raises(ValueError, match="max_len=3"):
-        cache.update(1, k, k)
+        cache.update(k, k, 0)
 
 
 # ------------------------------------------------------------------------------------------ through M6Model
@@ -187,8 +188,7 @@ def test_flex_attention_equals_the_dense_mask_reference(q_start: int) -> None:
         cache = KVCache(1, 5, 4, key_valid.shape[1], 8, torch.float32, torch.device("cpu"))
         with torch.no_grad():
             _, k, v = attn.qkv(torch.randn(5, q_start, 32)).view(5, q_start, 3, 4, 8).permute(2, 0, 3, 1, 4)
-        cache.update(0, k, v)
-        cache.advance(q_start)
+        cache.update(k, v, 0)
         cache_args = {"cache": cache}
     dense = prefix_lm_mask(key_valid, bidir, q_start, q_len)
     block = prefix_lm_block_mask(key_valid, bidir, q_start, q_len)
@@ -196,7 +196,7 @@ def test_flex_attention_equals_the_dense_mask_reference(q_start: int) -> None:
     with torch.no_grad():
         ref = attn(x, dense, **cache_args)
         if q_start:
-            cache_args["cache"].length = q_start  # the first call wrote this step's keys; rewrite the same ones
+            cache_args["cache"].lengths[0] = q_start  # the first call wrote this step's keys; rewrite them
         out = attn(x, block, **cache_args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -225,11 +225,10 @@ def test_generation_on_flex_equals_the_reference_with_and_without_cache(images) 
     prompts["attention_mask"][1, 4:] = False
     prompts["attention_mask"][2, 2:] = False
     prompts = {k: v for k, v in prompts.items() if k != "prefix_len"}
-    kwargs = dict(max_new_tokens=5, eos_token_id=-1)
-    ref = model.generate(**prompts, use_cache=True, **kwargs)
+    ref = generate_text(model, prompts, use_cache=True, max_new_tokens=5)
     model.attention_impl = "flex"
-    assert torch.equal(model.generate(**prompts, use_cache=True, **kwargs), ref)
-    assert torch.equal(model.generate(**prompts, use_cache=False, **kwargs), ref)
+    assert torch.equal(generate_text(model, prompts, use_cache=True, max_new_tokens=5), ref)
+    assert torch.equal(generate_text(model, prompts, use_cache=False, max_new_tokens=5), ref)
 
 
 def test_attention_impl_choice_and_bad_names() -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from m6lit.model import M6Model, MoELayer, TransformerBlock, apply_expert_op, delink, lm_loss, prefix_lm_mask
 from m6lit.model.block import checkpoint_phase
+from m6lit.model.hf import generate_text
 
 Spec = Any
 
@@ -132,7 +133,8 @@ def test_no_grad_and_kv_cache_generation_ignore_checkpointing() -> None:
     plain, checked = _model(None).eval(), _model("all").eval()
     phases = _Phases(checked)
     prompt = _batch()["input_ids"][:, :5]
-    assert torch.equal(plain.generate(prompt, max_new_tokens=4), checked.generate(prompt, max_new_tokens=4))
+    assert torch.equal(generate_text(plain, {"input_ids": prompt}, max_new_tokens=4),
+                       generate_text(checked, {"input_ids": prompt}, max_new_tokens=4))
     with torch.no_grad():
         assert torch.equal(plain(_batch()).logits, checked(_batch()).logits)
     assert phases.calls and all(phase is None for _, phase in phases.calls)

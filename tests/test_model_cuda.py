@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from m6lit.model import GroupedExperts, MoELayer
+from m6lit.model.hf import generate_text
 from m6lit.model.moe import _can_group, _grouped_mm, init_moe_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -232,11 +233,10 @@ def test_generation_with_the_cache_is_equal_on_flex_and_sdpa() -> None:
     model = _tiny_model().eval()
     batch = _contract_batch()
     prompts = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask")}
-    kwargs = dict(max_new_tokens=6, eos_token_id=-1)
-    flex_cached = model.generate(**prompts, use_cache=True, **kwargs)
-    flex_uncached = model.generate(**prompts, use_cache=False, **kwargs)
+    flex_cached = generate_text(model, prompts, use_cache=True, max_new_tokens=6)
+    flex_uncached = generate_text(model, prompts, use_cache=False, max_new_tokens=6)
     model.attention_impl = "sdpa"
-    assert torch.equal(flex_cached, model.generate(**prompts, use_cache=True, **kwargs))
+    assert torch.equal(flex_cached, generate_text(model, prompts, use_cache=True, max_new_tokens=6))
     assert torch.equal(flex_uncached, flex_cached)
 
 

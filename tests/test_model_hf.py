@@ -1,5 +1,6 @@
 """Hugging Face wrapper: config round trip, Auto registration, logit parity with M6Model (cached and uncached),
-generation through transformers against m6lit's own generate, and loading that initialises only missing weights."""
+generation through transformers (m6lit's only text generation) against a full forward per prompt, and loading that
+initialises only missing weights."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from transformers import (
 
 import m6lit  # noqa: F401  (registers the auto classes)
 from m6lit.model import M6Config, M6Model, lm_loss
-from m6lit.model.hf import CONFIG_KEYS, M6ForConditionalGeneration, M6HFConfig, drop_final_eos
+from m6lit.model.hf import (CONFIG_KEYS, M6ForConditionalGeneration, M6HFConfig, drop_final_eos, generate_text,
+                            left_pad)
 from m6lit.model.processing import M6ImageProcessor, M6Processor, image_to_tensor
 
 VOCAB, PAD, EOS = 64, 0, 1
@@ -172,18 +174,48 @@ def test_cached_steps_match_one_full_forward(loaded: M6ForConditionalGeneration)
 
 
 # ------------------------------------------------------------------------------------------------ generate
+@torch.no_grad()
+def _greedy_by_full_forward(model: M6Model, prompts: dict, steps: int, eos: int = EOS) -> torch.Tensor:
+    """Reference: each prompt alone, unpadded, re-running the full forward each step (prompt = bidirectional);
+    after `eos` a row holds PAD, and the result stops where every row has ended. (transformers reads
+    `eos_token_id=None` as "the model's EOS", so EOS is always in play.)"""
+    rows = []
+    for r in range(prompts["input_ids"].shape[0]):
+        n = int(prompts["attention_mask"][r].sum())
+        seq = prompts["input_ids"][r][prompts["attention_mask"][r].bool()].tolist()
+        out: list[int] = []
+        for _ in range(steps):
+            if eos in out:
+                out.append(PAD)
+                continue
+            batch = {"input_ids": torch.tensor([seq]), "prefix_len": torch.tensor([n])}
+            if "pixel_values" in prompts:
+                batch["pixel_values"] = prompts["pixel_values"][r:r + 1]
+            token = int(model(batch).logits[0, -1].argmax())
+            out.append(token)
+            seq.append(token)
+        rows.append(out)
+    tokens = torch.tensor(rows)
+    ended = [row.index(eos) if eos in row else steps - 1 for row in rows]
+    return tokens[:, :max(ended) + 1]
+
+
 @pytest.mark.parametrize("images", [True, False])
-def test_greedy_generate_matches_m6_generate(saved: tuple[M6Model, Path], loaded: M6ForConditionalGeneration,
-                                             images: bool) -> None:
+def test_greedy_generate_matches_a_full_forward_per_prompt(saved: tuple[M6Model, Path],
+                                                           loaded: M6ForConditionalGeneration, images: bool) -> None:
     model, _ = saved
     prompts = _prompts()
     if not images:
         prompts.pop("pixel_values")
-    ref = model.generate(**prompts, max_new_tokens=10, eos_token_id=-1)
+    ref = _greedy_by_full_forward(model, prompts, 10)
     left = _left_padded(prompts)
-    out = loaded.generate(**left, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=PAD)
-    assert torch.equal(out[:, :5], left["input_ids"])
-    assert torch.equal(out[:, 5:], ref)
+    for use_cache in (True, False):
+        out = loaded.generate(**left, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=PAD,
+                              use_cache=use_cache)
+        assert torch.equal(out[:, :5], left["input_ids"])
+        assert torch.equal(out[:, 5:], ref)
+    # m6lit's entry point takes its own (right-padded) batches and returns the new tokens only
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=10, eos_token_id=None), ref)
     assert len(set(ref.flatten().tolist())) >= 5  # a varied continuation, so the comparison means something
 
 
@@ -192,13 +224,88 @@ def test_generate_without_padding_and_with_eos(saved: tuple[M6Model, Path],
     """An all-ones mask (which transformers drops after the first step) and EOS-stopping rows both agree."""
     model, _ = saved
     prompts = _prompts(lengths=(4, 4, 4))
-    ref = model.generate(**prompts, max_new_tokens=8, eos_token_id=-1)
+    ref = _greedy_by_full_forward(model, prompts, 8)
     out = loaded.generate(**prompts, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(out[:, 4:], ref)
     eos = int(ref[0, 2])  # row 0 "ends" at its third token
-    ref_eos = model.generate(**prompts, max_new_tokens=8, eos_token_id=eos)
+    ref_eos = _greedy_by_full_forward(model, prompts, 8, eos=eos)
     out_eos = loaded.generate(**prompts, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
-    assert torch.equal(out_eos[:, 4:4 + ref_eos.shape[1]], ref_eos)
+    assert torch.equal(out_eos[:, 4:], ref_eos)
+    assert torch.equal(generate_text(model, prompts, max_new_tokens=8, eos_token_id=eos), ref_eos)
+
+
+class _ScriptedHead(torch.nn.Module):
+    """An lm_head that emits token 10 + step at every position of each row, and EOS at that row's scripted step."""
+
+    def __init__(self, stops: list[int]) -> None:
+        super().__init__()
+        self.stops = stops
+        self.calls = 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        step = self.calls
+        self.calls += 1
+        logits = torch.zeros(*hidden.shape[:-1], VOCAB, dtype=hidden.dtype)
+        for r, stop in enumerate(self.stops):
+            logits[r, ..., EOS if step == stop else 10 + step] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_text_stops_at_eos_and_pads_after_it(use_cache: bool) -> None:
+    model = _model(tie_embeddings=False)
+    prompts = _prompts()
+    model.lm_head = _ScriptedHead([1, 3, 99])
+    out = generate_text(model, prompts, max_new_tokens=6, use_cache=use_cache)
+    assert out.tolist() == [[10, EOS, PAD, PAD, PAD, PAD],
+                            [10, 11, 12, EOS, PAD, PAD],
+                            [10, 11, 12, 13, 14, 15]]
+    model.lm_head = _ScriptedHead([1, 2, 0])
+    out = generate_text(model, prompts, max_new_tokens=6, use_cache=use_cache, pad_token_id=7)
+    assert out.tolist() == [[10, EOS, 7], [10, 11, EOS], [EOS, 7, 7]]  # stops once every row is done
+
+
+def test_generate_text_sampling_follows_the_seed_and_a_tiny_top_p_is_greedy() -> None:
+    model = _model()
+    prompts = _prompts()
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=3.0, top_k=0, eos_token_id=None)
+    draws = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        draws.append(generate_text(model, prompts, **kwargs))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    greedy = generate_text(model, prompts, max_new_tokens=8, eos_token_id=None)
+    assert not torch.equal(draws[0], greedy)
+    nucleus = generate_text(model, prompts, max_new_tokens=8, do_sample=True, top_p=1e-6, top_k=0, eos_token_id=None)
+    assert torch.equal(nucleus, greedy)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_text(model, prompts, max_new_tokens=2, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_text(model, prompts, max_new_tokens=2, do_sample=True, temperature=0.0)
+
+
+def test_generate_text_length_limit_and_padding_width() -> None:
+    """Extra padding columns change nothing, and the limit counts the longest prompt, not the padded width."""
+    model = _model()
+    prompts = _prompts()  # longest prompt 5 tokens, 4 patches: 4 + 5 + 39 = 48 = max_seq_len
+    wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 4), PAD)], dim=1),
+                attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 4, dtype=torch.bool)], dim=1))
+    ok = generate_text(model, prompts, max_new_tokens=39, eos_token_id=None)
+    assert ok.shape == (3, 39) and torch.equal(generate_text(model, wide, max_new_tokens=39, eos_token_id=None), ok)
+    with pytest.raises(ValueError, match="4 image patches \\+ 5 prompt positions \\+ max_new_tokens=40"):
+        generate_text(model, wide, max_new_tokens=40)
+    empty = dict(prompts, attention_mask=prompts["attention_mask"].clone())
+    empty["attention_mask"][1] = False
+    with pytest.raises(ValueError, match=r"prompt rows \[1\] are empty"):
+        generate_text(model, empty)
+
+
+def test_left_pad_right_aligns_each_rows_tokens() -> None:
+    ids = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 0], [0, 3, 0, 4]])
+    mask = ids != 0
+    out_ids, out_mask = left_pad(ids, mask, PAD)
+    assert out_ids.tolist() == [[0, 5, 6], [7, 8, 9], [0, 3, 4]]
+    assert out_mask.tolist() == [[False, True, True], [True, True, True], [False, True, True]]
 
 
 def test_beam_search_and_sampling_agree_with_and_without_cache(loaded: M6ForConditionalGeneration) -> None:
@@ -258,14 +365,14 @@ def test_generate_ignores_the_eos_a_default_tokenization_appends(saved: tuple[M6
                                                                  loaded: M6ForConditionalGeneration) -> None:
     model, _ = saved
     prompts = _prompts()
-    ref = model.generate(**prompts, max_new_tokens=6, eos_token_id=-1)
+    ref = _greedy_by_full_forward(model, prompts, 6)
     left = _left_padded(prompts)
     with_eos = dict(left, input_ids=torch.cat([left["input_ids"], torch.full((3, 1), EOS)], 1),
                     attention_mask=torch.cat([left["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1))
     out = loaded.generate(**with_eos, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(out[:, 6:], ref)  # same width as the given prompt, then m6lit's continuation
     full = _prompts(lengths=(4, 4, 4))
-    ref = model.generate(**full, max_new_tokens=6, eos_token_id=-1)
+    ref = _greedy_by_full_forward(model, full, 6)
     ids = torch.cat([full["input_ids"], torch.full((3, 1), EOS)], 1)  # no attention_mask at all
     out = loaded.generate(ids, pixel_values=full["pixel_values"], max_new_tokens=6, do_sample=False,
                           eos_token_id=None, pad_token_id=PAD)

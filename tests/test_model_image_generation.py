@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from m6lit.model import M6Config, M6Model, lm_loss
+from m6lit.model.hf import generate_text
 from m6lit.model.image_generation import (caption_log_likelihood, edit_region, generate_image_codes,
                                           generate_images, pad_prompts, sample_codes)
 from m6lit.model.image_vocab import ImageVocab, mask_image_ids, mask_non_code_ids
@@ -59,9 +60,11 @@ def test_logit_masks() -> None:
     model = tiny()
     with torch.no_grad():
         model.embed.tokens.weight[12:] = model.norm.weight.detach() * 50  # tied head: image ids dominate
-    out = model.generate(torch.tensor([[2, 3]]), max_new_tokens=5, do_sample=True,
-                         generator=torch.Generator().manual_seed(0))
-    assert int(out.max()) < 12
+    with torch.no_grad():  # the model's own preference is an image id
+        assert int(model({"input_ids": torch.tensor([[2, 3]])}).logits[0, -1].argmax()) >= 12
+    torch.manual_seed(0)
+    out = generate_text(model, {"input_ids": torch.tensor([[2, 3]])}, max_new_tokens=5, do_sample=True, top_k=0)
+    assert out.numel() >= 2 and int(out.max()) < 12
     # image generation only emits codes
     codes = generate_image_codes(tiny(), torch.tensor([[2, 3, 4]]), generator=torch.Generator().manual_seed(0))
     assert codes.shape == (1, GRID * GRID) and 0 <= int(codes.min()) and int(codes.max()) < K
@@ -87,6 +90,33 @@ def test_cached_equals_uncached_generation() -> None:
         uncached = generate_image_codes(model, ids, mask, torch.tensor([[2]]), guidance_scale=2.0, use_cache=False,
                                         generator=torch.Generator().manual_seed(1), **kwargs)
         assert torch.equal(cached, uncached)
+
+
+# codes of the former decoder (its own embedding and transformer calls), recorded before generation moved onto
+# M6Model.forward with a KV cache; greedy, guided greedy and guided top-k sampling, cached and recomputed
+CODES_BEFORE = {
+    "greedy": [[2, 2, 4, 4, 4, 4, 1, 1, 5], [5, 4, 4, 4, 3, 2, 2, 2, 2], [4, 4, 4, 0, 2, 2, 2, 5, 1]],
+    "guided_greedy": [[2, 3, 3, 3, 2, 4, 1, 1, 5], [5, 4, 5, 4, 3, 4, 4, 4, 4], [4, 5, 5, 2, 1, 4, 5, 5, 1]],
+    "sampled": [[2, 2, 1, 1, 2, 2, 1, 1, 2], [5, 4, 3, 2, 2, 2, 3, 1, 5], [2, 5, 1, 4, 4, 4, 4, 2, 1]],
+}
+
+
+@pytest.mark.parametrize("name", list(CODES_BEFORE))
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_codes_equal_the_former_decoder(name: str, use_cache: bool) -> None:
+    torch.manual_seed(0)
+    model = M6Model(M6Config(vocab_size=TEXT + 2 + K, d_model=32, n_heads=2, d_ff=64, num_layers=2, max_seq_len=40,
+                             image_size=16, patch_size=8, image_codebook_size=K, image_grid_size=GRID,
+                             init_std=0.2)).eval()
+    with torch.no_grad():
+        model.embed.text_pos.weight.normal_(std=0.5)
+    ids, mask = pad_prompts([[2, 3, 4, 5, 6], [2, 7], [2, 8, 9]])
+    kwargs = {"greedy": {"temperature": 0}, "guided_greedy": {"temperature": 0, "guidance_scale": 2.0},
+              "sampled": {"temperature": 1.0, "top_k": 4, "guidance_scale": 2.0}}[name]
+    uncond = torch.tensor([[2]]) if "guidance_scale" in kwargs else None
+    codes = generate_image_codes(model, ids, mask, uncond, use_cache=use_cache,
+                                 generator=torch.Generator().manual_seed(1), **kwargs)
+    assert codes.tolist() == CODES_BEFORE[name]
 
 
 def test_sampling_filters() -> None:

@@ -1,4 +1,4 @@
-"""M6Model: forward outputs and aux terms, losses, generate (cache, EOS, sampling), encode, accounting, imports."""
+"""M6Model: forward outputs and aux terms, the forward with a KV cache, losses, encode, accounting, imports."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from m6lit.model import IGNORE_INDEX, M6Config, M6Model, lm_loss, token_stats
-from m6lit.model.m6 import chunked_lm_loss
+from m6lit.model import IGNORE_INDEX, KVCache, M6Config, M6Model, lm_loss, token_stats
+from m6lit.model.m6 import chunked_lm_loss, left_pad, text_positions
 
 VOCAB = 64
 EOS, PAD = 1, 0
@@ -102,134 +101,68 @@ def test_lm_loss_and_token_stats_shift_and_ignore() -> None:
     assert float(lm_loss(logits, empty)) == 0.0
 
 
-# ------------------------------------------------------------------------------------------------ generate
-def _greedy_by_full_forward(model: M6Model, prompts: dict, steps: int) -> list[list[int]]:
-    """Reference: each prompt alone, unpadded, re-running the full forward each step (prompt = bidirectional)."""
-    rows = []
-    for r in range(prompts["input_ids"].shape[0]):
-        n = int(prompts["attention_mask"][r].sum())
-        seq = prompts["input_ids"][r, :n].tolist()
-        out = []
-        for _ in range(steps):
-            batch = {"input_ids": torch.tensor([seq]), "prefix_len": torch.tensor([n])}
-            if "pixel_values" in prompts:
-                batch["pixel_values"] = prompts["pixel_values"][r:r + 1]
-            token = int(model(batch).logits[0, -1].argmax())
-            out.append(token)
-            seq.append(token)
-        rows.append(out)
-    return rows
+# ------------------------------------------------------------------------------------------------ KV cache
+def _left(prompts: dict) -> dict:
+    ids, mask = left_pad(prompts["input_ids"], prompts["attention_mask"], PAD)
+    return dict(prompts, input_ids=ids, attention_mask=mask)
+
+
+def test_text_positions_are_column_indices_for_right_padding_and_counts_otherwise() -> None:
+    """Training batches (right-padded) keep the positions `arange(T)` they always had, bit for bit; left padding
+    and holes (tokens appended after padding) count the valid tokens before each column."""
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(text_positions(right), torch.arange(4).expand(4, 4))
+    odd = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    assert text_positions(odd).tolist() == [[0, 1, 0, 1], [0, 1, 1, 2]]
 
 
 @pytest.mark.parametrize("images", [True, False])
-def test_greedy_with_cache_equals_without_cache_and_a_full_forward(images) -> None:
-    model = _model(torch.float64)  # fp64: no near-tie can flip an argmax between the paths
+@pytest.mark.parametrize("padding", ["right", "left"])
+@torch.no_grad()
+def test_cached_steps_through_forward_equal_one_full_forward(images: bool, padding: str) -> None:
+    """Prefill into a KVCache, then one token at a time (appended after the padded width), gives the logits of one
+    uncached forward over the whole sequence; prefix_len counts from each row's first token in either padding."""
+    model = _model(torch.float64)
     prompts = _prompts(images, torch.float64)
-    kwargs = dict(max_new_tokens=6, eos_token_id=-1)  # no EOS: all six steps run
-    cached = model.generate(**prompts, use_cache=True, **kwargs)
-    uncached = model.generate(**prompts, use_cache=False, **kwargs)
-    assert cached.shape == (3, 6)
-    assert torch.equal(cached, uncached)
+    if padding == "left":
+        prompts = _left(prompts)
+    prompts["prefix_len"] = torch.tensor([3, 1, 2])
+    extra = torch.randint(2, VOCAB, (3, 4), generator=torch.Generator().manual_seed(9))
+    mask = torch.cat([prompts["attention_mask"], torch.ones(3, 4, dtype=torch.bool)], dim=1)
+    full = model(dict(prompts, input_ids=torch.cat([prompts["input_ids"], extra], dim=1), attention_mask=mask)).logits
+    c = model.config
+    cache = KVCache(c.num_layers, 3, c.n_heads, 4 * images + 9, c.head_dim, torch.float64, torch.device("cpu"))
+    steps = [model(prompts, cache=cache).logits]
+    for i in range(4):
+        step = {"input_ids": extra[:, i:i + 1], "attention_mask": mask[:, :5 + i + 1],
+                "prefix_len": prompts["prefix_len"]}
+        steps.append(model(step, cache=cache).logits)
+    assert cache.get_seq_length() == 4 * images + 5 + 4
+    valid = mask.clone()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[valid], full[valid], rtol=0, atol=1e-10)
+    if padding == "left":  # the same text at the same positions: left padding changes nothing
+        right = model(_prompts(images, torch.float64) | {"prefix_len": prompts["prefix_len"]}).logits
+        got = full[:, :5][prompts["attention_mask"]]
+        torch.testing.assert_close(got, right[_prompts(images)["attention_mask"]], rtol=0, atol=1e-10)
+
+
+def test_cached_forward_errors_name_the_mismatch() -> None:
+    model = _model()
+    prompts = _prompts(images=True)
+    c = model.config
+    cache = KVCache(c.num_layers, 3, c.n_heads, 20, c.head_dim, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="cache is empty"):
+        model(dict(prompts, input_ids=prompts["input_ids"][:, :3]), cache=cache)
     with torch.no_grad():
-        assert cached.tolist() == _greedy_by_full_forward(model, prompts, 6)
-    assert len({tuple(r) for r in cached.tolist()}) > 1  # rows really differ (prompts matter)
-
-
-def test_greedy_cache_agrees_in_fp32_too() -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    a = model.generate(**prompts, max_new_tokens=5, eos_token_id=-1, use_cache=True)
-    b = model.generate(**prompts, max_new_tokens=5, eos_token_id=-1, use_cache=False)
-    assert torch.equal(a, b)
-
-
-def test_generate_respects_max_new_tokens_and_prefix_len() -> None:
-    model = _model()
-    prompts = _prompts(images=False)
-    for n in (1, 3, 7):
-        assert model.generate(**prompts, max_new_tokens=n, eos_token_id=-1).shape == (3, n)
-    full = model.generate(**prompts, max_new_tokens=4, eos_token_id=-1)
-    explicit = model.generate(**prompts, prefix_len=prompts["attention_mask"].sum(1), max_new_tokens=4,
-                              eos_token_id=-1)
-    assert torch.equal(full, explicit)  # default prefix = whole prompt
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate(**prompts, max_new_tokens=0)
-    empty = dict(prompts, attention_mask=prompts["attention_mask"].clone())
-    empty["attention_mask"][1] = False
-    with pytest.raises(ValueError, match="at least one token"):
-        model.generate(**empty)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate(**prompts, max_new_tokens=60)
-
-
-class _ScriptedHead(nn.Module):
-    """An lm_head that emits token 10 + step for each row, and EOS at that row's scripted step."""
-
-    def __init__(self, stops: list[int]) -> None:
-        super().__init__()
-        self.stops = stops
-        self.calls = 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        step = self.calls
-        self.calls += 1
-        logits = torch.zeros(hidden.shape[0], VOCAB, dtype=hidden.dtype)
-        for r, stop in enumerate(self.stops):
-            logits[r, EOS if step == stop else 10 + step] = 1.0
-        return logits
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generate_stops_at_eos_and_pads_after_it(use_cache) -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    model.lm_head = _ScriptedHead([1, 3, 99])
-    out = model.generate(**prompts, max_new_tokens=6, use_cache=use_cache)
-    assert out.tolist() == [[10, EOS, PAD, PAD, PAD, PAD],
-                            [10, 11, 12, EOS, PAD, PAD],
-                            [10, 11, 12, 13, 14, 15]]
-    model.lm_head = _ScriptedHead([1, 2, 0])
-    out = model.generate(**prompts, max_new_tokens=6, use_cache=use_cache, pad_token_id=7)
-    assert out.tolist() == [[10, EOS, 7], [10, 11, EOS], [EOS, 7, 7]]  # stops once every row is done
-
-
-def test_generate_stops_when_the_model_favours_eos() -> None:
-    model = _model(tie_embeddings=False)
-    head = nn.Linear(32, VOCAB, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[EOS] = 1e4
-    model.lm_head = head
-    out = model.generate(**_prompts(images=True), max_new_tokens=8)
-    assert out.tolist() == [[EOS]] * 3
-
-
-def test_sampling_is_reproducible_with_a_seeded_generator_and_tiny_top_p_is_greedy() -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=3.0, eos_token_id=-1)
-    a = model.generate(**prompts, generator=torch.Generator().manual_seed(5), **kwargs)
-    b = model.generate(**prompts, generator=torch.Generator().manual_seed(5), **kwargs)
-    c = model.generate(**prompts, generator=torch.Generator().manual_seed(6), **kwargs)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    greedy = model.generate(**prompts, max_new_tokens=8, eos_token_id=-1)
-    assert not torch.equal(a, greedy)
-    nucleus = model.generate(**prompts, max_new_tokens=8, do_sample=True, top_p=1e-6, eos_token_id=-1,
-                             generator=torch.Generator().manual_seed(5))
-    assert torch.equal(nucleus, greedy)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate(**prompts, do_sample=True, top_p=0.0)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(**prompts, do_sample=True, temperature=0.0)
-
-
-def test_top_p_keeps_only_the_nucleus() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {int(M6Model._choose(logits, True, 1.0, 0.7, g)) for _ in range(300)}
-    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are outside the nucleus
+        model(prompts, cache=cache)  # 4 patches + 5 text columns
+    step = {"input_ids": torch.full((3, 1), 5)}
+    with pytest.raises(ValueError, match="must cover the text so far"):
+        model(step, cache=cache)
+    with pytest.raises(ValueError, match="the cache holds 9 positions, which does not match 3 earlier text"):
+        model(dict(step, attention_mask=torch.ones(3, 4, dtype=torch.bool)), cache=cache)
+    with pytest.raises(ValueError, match="max_len=20"):
+        model({"input_ids": torch.full((3, 12), 5), "attention_mask": torch.ones(3, 17, dtype=torch.bool)},
+              cache=cache)
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -274,29 +207,6 @@ def test_num_parameters_counts_shared_blocks_once_and_tied_head_once() -> None:
     untied = _model(tie_embeddings=False)
     assert untied.num_parameters() == model.num_parameters() + VOCAB * 32
     assert model.lm_head.weight is model.embed.tokens.weight
-
-
-def test_extra_right_padding_columns_do_not_change_generation() -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 4), PAD)], dim=1),
-                attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 4, dtype=torch.bool)], dim=1))
-    for use_cache in (True, False):
-        a = model.generate(**prompts, max_new_tokens=6, eos_token_id=-1, use_cache=use_cache)
-        b = model.generate(**wide, max_new_tokens=6, eos_token_id=-1, use_cache=use_cache)
-        assert torch.equal(a, b)
-
-
-def test_generate_length_limit_does_not_depend_on_padding_width() -> None:
-    model = _model()
-    prompts = _prompts(images=True)  # longest prompt 5 tokens, 4 patches: 4 + 5 + 39 = 48 = max_seq_len
-    ok = model.generate(**prompts, max_new_tokens=39, eos_token_id=-1)
-    assert ok.shape == (3, 39)
-    wide = dict(prompts, input_ids=torch.cat([prompts["input_ids"], torch.full((3, 2), PAD)], dim=1),
-                attention_mask=torch.cat([prompts["attention_mask"], torch.zeros(3, 2, dtype=torch.bool)], dim=1))
-    assert torch.equal(model.generate(**wide, max_new_tokens=39, eos_token_id=-1), ok)
-    with pytest.raises(ValueError, match="4 image patches \\+ 5 prompt positions \\+ max_new_tokens=40"):
-        model.generate(**wide, max_new_tokens=40, eos_token_id=-1)
 
 
 # ------------------------------------------------------------------------------------------ chunked loss

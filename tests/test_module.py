@@ -10,6 +10,10 @@ import pytest
 import torch
 from _fakes import fit, tiny_config
 
+from m6lit.data.datamodule import ImageTextDataModule
+from m6lit.data.sources import SourceSpec
+from m6lit.data.tasks import collate
+from m6lit.model import M6Config
 from m6lit.module import M6LitModule, build_param_groups, warmup_cosine
 
 
@@ -217,3 +221,87 @@ def test_fully_skipped_batch_gives_a_graph_connected_zero_loss_on_several_device
     assert loss is not None and float(loss) == 0.0
     loss.backward()  # every trainable parameter joins the (DDP) gradient all-reduce, with a zero gradient
     assert all(p.grad is not None and not p.grad.any() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+# Greedy tokens of m6lit's former own decoder (M6Model.generate: right padding, its own KV cache), recorded on the
+# tiny seeded model and prompts below before it was replaced by transformers' generate through the HF wrapper.
+# They pin that the one generation path continues the demo's prompts exactly as before.
+GREEDY_BEFORE = [
+    [103, 186, 372, 47, 47, 47, 67, 327, 217, 214, 208, 70, 163, 229, 198, 70, 150, 379, 115, 198, 198, 212, 203, 253],
+    [61, 193, 251, 47, 47, 47, 67, 327, 217, 133, 52, 313, 142, 229, 198, 70, 150, 379, 115, 198, 198, 212, 203, 253],
+    [103, 186, 163, 47, 47, 47, 67, 327, 217, 214, 208, 70, 163, 229, 198, 70, 150, 379, 115, 198, 198, 212, 203, 128],
+    [222, 186, 163, 105, 105, 23, 67, 327, 217, 133, 52, 313, 142, 229, 198, 70, 150, 379, 115, 198, 198, 256, 67, 314],
+    [222, 250, 70, 163, 229, 198, 70, 150, 379, 115, 198, 198, 212, 203, 253, 201, 201, 148, 238, 260, 164, 216, 116, 116],
+    [62, 104, 214, 245, 245, 87, 303, 87, 303, 333, 118, 226, 226, 112, 43, 232, 112, 142, 120, 317, 143, 191, 233, 56],
+    [61, 186, 163, 105, 105, 23, 67, 327, 217, 133, 52, 313, 379, 229, 198, 143, 150, 379, 115, 198, 198, 212, 203, 252],
+]
+GREEDY_WITH_IMAGE_VOCAB_BEFORE = [
+    [275, 275, 215, 276, 173, 196, 115, 238, 158, 10, 196, 180, 203, 46, 216, 330, 348, 0, 253, 115, 116, 354, 210, 84],
+    [125, 34, 215, 276, 173, 216, 216, 216, 53, 10, 196, 180, 203, 46, 216, 330, 173, 0, 253, 115, 116, 354, 210, 84],
+    [216, 216, 215, 276, 210, 216, 115, 308, 308, 10, 196, 180, 203, 46, 216, 330, 348, 0, 253, 115, 116, 354, 210, 84],
+    [216, 216, 215, 276, 210, 216, 115, 238, 158, 10, 196, 180, 203, 46, 216, 330, 348, 0, 253, 115, 116, 354, 210, 84],
+    [10, 196, 180, 203, 46, 216, 330, 173, 0, 253, 115, 116, 354, 210, 84, 218, 150, 125, 260, 279, 341, 276, 337, 233],
+    [115, 102, 102, 190, 98, 105, 243, 257, 106, 106, 228, 127, 0, 74, 99, 228, 101, 116, 122, 122, 216, 138, 359, 267],
+    [73, 45, 215, 276, 173, 196, 115, 340, 158, 10, 196, 180, 203, 46, 216, 330, 173, 0, 253, 115, 116, 354, 210, 84],
+]
+GREEDY_STOPPING_AT_198_BEFORE = [
+    [103, 186, 372, 47, 47, 47, 67, 327, 217, 214, 208, 70, 163, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [61, 193, 251, 47, 47, 47, 67, 327, 217, 133, 52, 313, 142, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [103, 186, 163, 47, 47, 47, 67, 327, 217, 214, 208, 70, 163, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [222, 186, 163, 105, 105, 23, 67, 327, 217, 133, 52, 313, 142, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [222, 250, 70, 163, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [62, 104, 214, 245, 245, 87, 303, 87, 303, 333, 118, 226, 226, 112, 43, 232, 112, 142, 120, 317, 143, 191, 233, 56],
+    [61, 186, 163, 105, 105, 23, 67, 327, 217, 133, 52, 313, 379, 229, 198, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+]
+
+
+def _demo_prompts(data) -> dict:
+    """Four image rows with the caption prompt beside three text-only prompts of other lengths (the demo's task
+    prompts), collated as m6lit's predict batches are: right-padded, `image_mask` False on the text rows."""
+    tok = data.tokenizer
+    g = torch.Generator().manual_seed(7)
+    caption = torch.tensor(tok.encode("caption:", add_special_tokens=False))
+    examples = [{"prefix": caption, "target": caption[:0], "pixel_values": torch.rand(3, 48, 48, generator=g) * 2 - 1,
+                 "task": "caption", "reference": None} for _ in range(4)]
+    for text in ("text: a large red", "denoise: a small blue circle in the top", "caption:"):
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False))
+        examples.append({"prefix": ids, "target": ids[:0], "pixel_values": None, "task": "caption",
+                         "reference": None})
+    return collate(examples, pad_token_id=data.pad_token_id)
+
+
+def _demo_module(data, **extra) -> M6LitModule:
+    torch.manual_seed(0)
+    config = dict(vocab_size=data.vocab_size, d_model=32, n_heads=4, d_ff=64, num_layers=4, num_unique_blocks=2,
+                  moe_layers=2, num_experts=4, top_k=2, expert_d_ff=32, image_size=48, patch_size=16,
+                  max_seq_len=224, pad_token_id=data.pad_token_id, eos_token_id=data.eos_token_id, init_std=0.1)
+    config.update(extra)
+    module = M6LitModule(M6Config(**config), max_new_tokens=24).eval()
+    with torch.no_grad():  # larger position embeddings make greedy continuations vary from step to step
+        module.model.embed.patches.pos.normal_(std=0.5)
+        module.model.embed.text_pos.weight.normal_(std=0.5)
+    return module
+
+
+@torch.no_grad()
+def test_greedy_generation_equals_the_former_decoder_on_the_demo_prompts() -> None:
+    data = ImageTextDataModule(predict=[SourceSpec(kind="demo", num_samples=8, seed=2)], image_size=48,
+                               batch_size=8)
+    batch = _demo_prompts(data)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3 and batch["image_mask"].tolist() == [True] * 4 + [False] * 3
+    module = _demo_module(data)
+    assert module.generate(batch, do_sample=False).tolist() == GREEDY_BEFORE
+    assert module.generate(batch, do_sample=False, eos_token_id=198).tolist() == GREEDY_STOPPING_AT_198_BEFORE
+    for use_cache in (True, False):
+        assert module.generate(batch, do_sample=False, use_cache=use_cache).tolist() == GREEDY_BEFORE
+    # a model whose vocabulary also holds image codes never emits one in text
+    with_codes = _demo_module(data, vocab_size=data.vocab_size + 2 + 16, image_codebook_size=16, image_grid_size=3)
+    tokens = with_codes.generate(batch, do_sample=False)
+    assert tokens.tolist() == GREEDY_WITH_IMAGE_VOCAB_BEFORE and int(tokens.max()) < data.vocab_size
+    # the same continuation for one row alone, unpadded: padding changes nothing
+    alone = {k: v[4:5] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim()}
+    alone = dict(alone, input_ids=alone["input_ids"][:, :lengths[4]],
+                 attention_mask=alone["attention_mask"][:, :lengths[4]])
+    assert module.generate(alone, do_sample=False).tolist() == GREEDY_BEFORE[4:5]

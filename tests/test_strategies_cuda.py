@@ -4,6 +4,8 @@ the GPU holds exactly the resident state. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import pytest
 import torch
@@ -79,6 +81,26 @@ class _Probe(L.Callback):
                 "buffers on GPU": all(b.device.type == "cuda" for b in pl_module.buffers()),
             }
             self.resident_bytes = sum(p.numel() * 4 * 4 for p in res)  # weight, gradient, two Adam moments
+            # what the offloaded blocks' state takes on the GPU when resident, in the caching allocator's 512-byte
+            # blocks: fp32 weight, gradient and two Adam moments per parameter, plus fused AdamW's `step` tensor
+            self.offloaded_gpu_bytes = sum(4 * _blocks(4 * p.numel()) + _blocks(4) for p in off)
+
+
+def _blocks(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator reserves for one tensor of `nbytes` (multiples of 512)."""
+    return -(-nbytes // 512) * 512
+
+
+class _StepClock(L.Callback):
+    """Host wall time of the last training batch (forward, backward and optimizer step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        self.last_step_s = time.perf_counter() - self.start
 
 
 def fit_cuda(module, strategy, *callbacks):
@@ -105,16 +127,17 @@ def test_placement_and_memory_return_to_the_resident_state() -> None:
     assert all(probe.placement.values()), probe.placement
     assert all(live == 0 for _, live in probe.rows), "no streamed buffer may outlive a step"
     assert max(allocated[2:]) == min(allocated[2:]), "memory must return to the same figure after every step"
-    # both runs hold the same cuBLAS workspace and resident state, so offloading frees at least the offloaded
-    # blocks' weights, gradients and Adam moments (measured on the H200: 5.36 MB freed for 2.50 MB of such state;
-    # the resident run also keeps further per-parameter allocations of the fused step)
-    assert saved >= offloaded_state - 256 * 1024, (saved, offloaded_state)
+    # both runs hold the same cuBLAS workspace and resident state, so offloading frees at least every allocation
+    # of the offloaded blocks' state (measured on the H200: 5.36 MB freed for 2.50 MB of fp32 state; the resident
+    # run also keeps further per-parameter allocations of the fused step)
+    assert saved >= probe.offloaded_gpu_bytes, (saved, probe.offloaded_gpu_bytes, offloaded_state)
 
 
 def test_prefetch_streams_every_block_and_offloads_gradients() -> None:
     module = _module(num_layers=8, num_unique_blocks=8)
     strategy = SelectiveOffloadStrategy(offload=["model.blocks.[1-6]"], prefetch=2)
-    fit_cuda(module, strategy)
+    clock = _StepClock()
+    fit_cuda(module, strategy, clock)
     stats = strategy.step_stats[-1]
     print(f"last step: {stats}")
     blocks = [b for i, b in enumerate(module.model.blocks) if 1 <= i <= 6]
@@ -122,7 +145,11 @@ def test_prefetch_streams_every_block_and_offloads_gradients() -> None:
                    if p.dim() >= 2 and "router" not in n)
     assert stats["h2d_bytes"] >= 1.5 * lp_bytes, stats
     assert stats["d2h_bytes"] >= lp_bytes, stats
-    assert stats["fetches"] >= 8 and stats["stall_s"] >= 0.0
+    # each streamed block once forward and again in backward, except the last `prefetch` of the forward, which stay
+    # live across the turn (the same count on the CPU: 10)
+    assert stats["fetches"] == 6 + 6 - 2, stats
+    # the compute stream's waits for copies are disjoint stretches of this step (events measure them on the GPU)
+    assert 0.0 <= stats["stall_s"] <= clock.last_step_s, (stats, clock.last_step_s)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"gpu_step_window": "1GB"}, {"optimizer_overlap": "backward"}])

@@ -9,6 +9,7 @@ import torch
 from _fakes import loader, tiny_config
 
 from m6lit.model import M6Model, lm_loss
+from m6lit.model.hf import generate_text
 from m6lit.strategies.streaming import ParamStreamer
 
 
@@ -120,8 +121,8 @@ def test_consecutive_uses_of_a_shared_block_fetch_it_once_and_prefetch_runs_ahea
     # trace positions are [0, 0, 1, 1]: while block 0 runs its second layer, block 1 (next position) is in flight
     assert live_at_start[:2] == [(True, False), (True, True)], live_at_start
     torch.testing.assert_close(out.logits, resident(batch).logits, rtol=0, atol=0)
-    tokens = model.generate(batch["input_ids"][:, :5], max_new_tokens=4)
-    assert torch.equal(tokens, resident.generate(batch["input_ids"][:, :5], max_new_tokens=4))
+    tokens = generate_text(model, {"input_ids": batch["input_ids"][:, :5]}, max_new_tokens=4)
+    assert torch.equal(tokens, generate_text(resident, {"input_ids": batch["input_ids"][:, :5]}, max_new_tokens=4))
 
 
 def test_masters_hold_the_values_between_steps_and_buffers_are_left_alone() -> None:

@@ -106,8 +106,10 @@ def is_block_mask(mask: Any) -> bool:
 
 
 class KVCache:
-    """Per-logical-layer key/value buffers [B, H, max_len, Dh], filled left to right during generation.
+    """Per-logical-layer key/value buffers [B, H, max_len, Dh], preallocated and filled left to right.
 
+    It speaks the part of transformers' `Cache` interface that `M6Model` uses (`update(key, value, layer_idx)`,
+    `get_seq_length()`), so the model runs the same code with this cache or a transformers `DynamicCache`.
     Shared physical blocks still get one cache entry per logical layer: each layer sees different inputs.
     """
 
@@ -116,21 +118,24 @@ class KVCache:
         shape = (batch, n_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0
+        self.lengths = [0] * num_layers
         self.max_len = max_len
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values for `layer` and return all keys/values so far."""
-        end = self.length + k.shape[2]
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int,
+               cache_kwargs: Optional[dict[str, Any]] = None) -> tuple[Tensor, Tensor]:
+        """Append this step's keys/values [B, H, S, Dh] for `layer_idx`; return all of that layer's so far."""
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache: sequence length {end} exceeds the cache's max_len={self.max_len}")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer_idx][:, :, start:end] = key_states
+        self.values[layer_idx][:, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def advance(self, steps: int) -> None:
-        """Commit `steps` positions after every layer has written them."""
-        self.length += steps
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions held for `layer_idx` (all layers hold the same number between forwards)."""
+        return self.lengths[layer_idx]
 
 
 class Attention(nn.Module):
@@ -152,10 +157,12 @@ class Attention(nn.Module):
         self.proj.reset_parameters()
 
     def forward(self, x: Tensor, mask: AttentionMask, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        """`cache`: a `KVCache` or a transformers `Cache` (anything with `update(key, value, layer_idx)`); its
+        entry `layer` (the logical layer) receives this call's keys and values."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(k, v, layer)
         if is_block_mask(mask):
             if self.training and self.dropout > 0:
                 raise ValueError("FlexAttention has no attention dropout; build the dense mask when dropout > 0")

@@ -7,8 +7,10 @@ reloads with the same sharing.
 
 Generation runs through transformers' own `generate` (greedy, sampling, beam search) with a `DynamicCache`: one
 cache entry per logical layer, the image patches held at the front of the cache after the first step. Prompts must
-be left-padded (as for any decoder-only model in transformers); m6lit's own `M6Model.generate` takes right padding.
-By default the whole prompt is bidirectional context, as in m6lit's `generate`; pass `prefix_len` to change that.
+be left-padded (as for any decoder-only model in transformers; `left_pad` turns m6lit's right-padded batches into
+such prompts). This is m6lit's only text generation: `M6LitModule.generate` runs it through `from_m6`, which wraps
+the training model without copying it. By default the whole prompt is bidirectional context; pass `prefix_len` to
+change that. The forward is `M6Model.forward`, which takes the transformers cache itself.
 The config's `auto_map` names the model for `AutoModelForCausalLM`, `AutoModel` and `AutoModelForImageTextToText`
 (the "image-text-to-text" pipeline, with the processor of `processing.py`).
 """
@@ -16,7 +18,7 @@ The config's `auto_map` names the model for `AutoModelForCausalLM`, `AutoModel` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -29,6 +31,8 @@ from transformers import (
     AutoProcessor,
     GenerationConfig,
     GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedConfig,
     PreTrainedModel,
 )
@@ -37,7 +41,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import M6Config
-from .m6 import M6Model, lm_loss
+from .image_vocab import ImageVocab, mask_image_ids
+from .m6 import M6Model, left_pad, lm_loss, text_positions
 from .processing import M6ImageProcessor, M6Processor
 
 # transformers reads generation settings (top_k, temperature, ...) from a model config and refuses to save a config
@@ -102,27 +107,6 @@ def _with_all_model_classes(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(auto_map, dict) and MODEL_AUTO_CLASSES[0] in auto_map:
         config["auto_map"] = {**auto_map, **{name: auto_map[MODEL_AUTO_CLASSES[0]] for name in MODEL_AUTO_CLASSES}}
     return config
-
-
-class _CacheView:
-    """M6's cache interface (`update(layer, k, v)`, `advance`) over a transformers `Cache` (indexed by logical layer,
-    so layers that share a block keep separate keys and values)."""
-
-    def __init__(self, cache: Cache) -> None:
-        self.cache = cache
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cache.update(k, v, layer)
-
-    def advance(self, steps: int) -> None:
-        """The transformers cache tracks its own length."""
-
-
-def text_positions(attention_mask: Tensor) -> Tensor:
-    """Text position of every column: the count of valid tokens before it (so left padding, and generated tokens
-    appended after right padding, get the positions m6lit gives them); padding columns keep their column index."""
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask, attention_mask.long().cumsum(1) - 1, columns)
 
 
 class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -196,55 +180,27 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 image_mask: Tensor | None = None, labels: Tensor | None = None, cache: Cache | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast | tuple:
-        """Logits over the text positions of `input_ids`; with a non-empty `cache`, `input_ids` are the new tokens
-        and `attention_mask` covers the whole text so far (`past_key_values` is the older name of `cache`)."""
+        """`M6Model.forward` with transformers' arguments: logits over the text positions of `input_ids`; with a
+        non-empty `cache`, `input_ids` are the new tokens and `attention_mask` covers the whole text so far
+        (`past_key_values` is the older name of `cache`)."""
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and labels is None
-        if not use_cache:
-            cache = None
-        elif cache is None:
-            cache = DynamicCache(config=self.config)
-        m6 = self.model
-        b, n = input_ids.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            text_past = past - getattr(cache, "m6_image_len", 0) if past else 0
-            attention_mask = torch.ones(b, text_past + n, dtype=torch.bool, device=input_ids.device)
-        attention_mask = attention_mask.bool()
-        text_past = attention_mask.shape[1] - n
-        positions = text_positions(attention_mask)[:, text_past:]
-        first_valid = attention_mask.long().argmax(1)
-        bidir = first_valid + (prefix_len if prefix_len is not None else 0)
-        view = _CacheView(cache) if cache is not None else None
-        if past == 0:
-            if text_past:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} columns but input_ids has {n} and "
-                                 f"the cache is empty")
-            x, key_valid, p = m6._embed(input_ids, positions, attention_mask, pixel_values, image_mask)
-            hidden, stats = m6._transformer(x, key_valid, p + bidir, 0, view)
-            if cache is not None:
-                cache.m6_image_len = p
-            logits_from = p
-        else:
-            p = getattr(cache, "m6_image_len", None)
-            if p is None or past != p + text_past:
-                raise ValueError(f"the cache holds {past} positions, which does not match {text_past} earlier text "
-                                 f"columns of attention_mask plus the image; pass the cache this model returned and "
-                                 f"the attention mask of the whole text so far")
-            image_valid = torch.ones(b, p, dtype=torch.bool, device=input_ids.device)
-            if image_mask is not None:
-                image_valid = image_mask.bool().view(-1, 1).expand(-1, p)
-            key_valid = torch.cat([image_valid, attention_mask], dim=1)
-            x = m6.embed.text(input_ids, positions)
-            hidden, stats = m6._transformer(x, key_valid, p + bidir, past, view)
-            logits_from = 0
-        out = m6._output(hidden, stats, logits_from, False)
-        loss = None
-        if labels is not None:
-            loss = lm_loss(out.logits, labels) + out.aux_loss
+        cache = (cache if cache is not None else DynamicCache(config=self.config)) if use_cache else None
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "prefix_len": prefix_len, "image_mask": image_mask}
+        out = self.model({k: v for k, v in batch.items() if v is not None}, cache=cache)
+        loss = lm_loss(out.logits, labels) + out.aux_loss if labels is not None else None
         result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
         return result.to_tuple() if return_dict is False else result
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs for each step, always with the attention mask of the text so far: `generate` drops
+        an all-ones mask, but `M6Model.forward` reads from it how much of its cache is text and how much image."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None,
                  **kwargs: Any) -> Any:
@@ -273,6 +229,9 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 if p + t + max_new > self.config.max_seq_len:
                     raise ValueError(f"generate: {p} image patches + {t} prompt positions + max_new_tokens={max_new} "
                                      f"exceeds max_seq_len={self.config.max_seq_len}")
+        if self.config.image_codebook_size:  # text generation never emits an image id
+            text_only = TextOnly(ImageVocab.from_config(self.model.config))
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), text_only])
         return super().generate(inputs, generation_config, **kwargs)
 
     @torch.no_grad()
@@ -308,6 +267,39 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                                  guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                  generator=generator)
         return result["images"]
+
+
+def generate_text(model: M6Model, batch: Mapping[str, Tensor], **generation: Any) -> Tensor:
+    """New tokens [B, n] (n <= max_new_tokens; pad after a row's EOS) continuing the prompts of an m6lit batch
+    (`input_ids`, `attention_mask` padded on either side, optional `prefix_len`, `pixel_values`, `image_mask`):
+    transformers' `generate` on `M6ForConditionalGeneration.from_m6(model)` — the same parameters, nothing copied —
+    with the prompts left-padded. `generation`: `GenerationConfig` fields (`max_new_tokens`, `do_sample`,
+    `eos_token_id`, `use_cache`, ...); EOS and pad default to the model config's. Call `model.eval()` first."""
+    c = model.config
+    config = GenerationConfig(**{"eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, **generation})
+    temperature, top_p = config.temperature, config.top_p
+    bad_top_p = top_p is not None and not 0 < top_p <= 1
+    if config.do_sample and ((temperature is not None and temperature <= 0) or bad_top_p):
+        raise ValueError(f"generate: temperature={temperature} must be > 0 and top_p={top_p} in (0, 1] when sampling")
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    input_ids, attention_mask = left_pad(batch["input_ids"], mask, c.pad_token_id)
+    extra = {key: batch[key] for key in ("prefix_len", "pixel_values", "image_mask") if batch.get(key) is not None}
+    tokens = M6ForConditionalGeneration.from_m6(model).generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                                generation_config=config, **extra)
+    return tokens[:, input_ids.shape[1]:]
+
+
+class TextOnly(LogitsProcessor):
+    """Keeps text generation inside the text vocabulary: begin/end-of-image and image codes get -inf (a model
+    that also generates images; `generate` adds it by itself)."""
+
+    def __init__(self, vocab: ImageVocab) -> None:
+        self.vocab = vocab
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return mask_image_ids(scores, self.vocab)
 
 
 def drop_final_eos(input_ids: Tensor, attention_mask: Tensor | None, eos_token_id: int | None,
@@ -351,5 +343,5 @@ def register_auto_classes() -> None:
 M6HFConfig.register_for_auto_class()
 M6ForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["CONFIG_KEYS", "MODEL_AUTO_CLASSES", "M6ForConditionalGeneration", "M6HFConfig", "drop_final_eos",
-           "register_auto_classes", "text_positions"]
+__all__ = ["CONFIG_KEYS", "MODEL_AUTO_CLASSES", "M6ForConditionalGeneration", "M6HFConfig", "TextOnly",
+           "drop_final_eos", "generate_text", "left_pad", "register_auto_classes", "text_positions"]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .attention import KVCache
 from .image_vocab import ImageVocab
-from .m6 import IGNORE_INDEX, M6Model
+from .m6 import IGNORE_INDEX, M6Model, left_pad
 
 #: the generate and caption tasks' prompt texts (m6lit.data.tasks.PROMPTS uses the same)
 GENERATE_PROMPT = "image:"
@@ -65,50 +65,42 @@ def sample_codes(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p
 
 
 class _Decoder:
-    """One batch of prompts + begin-of-image, continued one image code at a time (KV-cached or recomputed)."""
+    """One batch of prompts + begin-of-image, continued one image code at a time through `M6Model.forward`: with
+    a `KVCache`, each step feeds the new code; without one, each step re-runs the whole sequence."""
 
     def __init__(self, model: M6Model, ids: Tensor, mask: Optional[Tensor], vocab: ImageVocab, new: int,
                  use_cache: bool) -> None:
         c = model.config
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        b = ids.shape[0]
-        device = ids.device
-        n = mask.sum(1)
-        if bool((n == 0).any()):
+        if bool((mask.sum(1) == 0).any()):
             raise ValueError("image generation: every prompt needs at least one token (attention_mask row is empty)")
-        width = int(n.max()) + 1
-        rows = torch.arange(b, device=device)
-        prompt = torch.full((b, width), c.pad_token_id, dtype=torch.long, device=device)
-        k = min(ids.shape[1], width)
-        prompt[:, :k] = ids.masked_fill(~mask, c.pad_token_id)[:, :k]
-        prompt[rows, n] = vocab.boi  # begin-of-image: the first target token, causal as in training
-        valid = torch.arange(width, device=device).unsqueeze(0) <= n.unsqueeze(1)
+        ids, mask = left_pad(ids, mask, c.pad_token_id)
+        b, width = ids.shape[0], ids.shape[1] + 1
         if width + new > c.max_seq_len:
             raise ValueError(f"image generation: a {width - 1}-token prompt + begin-of-image + {new} codes exceeds "
                              f"config.max_seq_len={c.max_seq_len}; shorten the prompt")
-        self.model, self.b, self.width, self.bidir, self.n_prompt = model, b, width, n, n + 1
-        positions = torch.arange(width, device=device).expand(b, width)
-        self.prompt, self.key_valid, _ = model._embed(prompt, positions, valid, None, None)
-        self.cache = KVCache(c.num_layers, b, c.n_heads, width + new, c.head_dim, self.prompt.dtype,
-                             device) if use_cache else None
-        self.embeds: list[Tensor] = []
-        hidden, _ = model._transformer(self.prompt, self.key_valid, self.bidir, 0, self.cache)
-        self.logits = model.lm_head(hidden[rows, n])  # [B, V] at begin-of-image: the first code
+        # begin-of-image is the first target token, causal as in training: the prompt alone is bidirectional
+        self.ids = torch.cat([ids, torch.full((b, 1), vocab.boi, dtype=torch.long, device=ids.device)], dim=1)
+        self.mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=ids.device)], dim=1)
+        self.code_index = torch.zeros_like(self.ids)  # [B, width + codes so far]; prompt entries are unused
+        self.model, self.b, self.prefix_len = model, b, mask.sum(1)
+        self.cache = KVCache(c.num_layers, b, c.n_heads, width + new, c.head_dim, model.embed.tokens.weight.dtype,
+                             ids.device) if use_cache else None
+        out = model({"input_ids": self.ids, "attention_mask": self.mask, "prefix_len": self.prefix_len},
+                    cache=self.cache)
+        self.logits = out.logits[:, -1]  # [B, V] at begin-of-image: the first code
 
     def step(self, ids: Tensor, index: int) -> Tensor:
         """Feed code ids [B] at grid index `index`; return the logits [B, V] of the next position."""
-        m, b = self.model, self.b
-        device = ids.device
-        embed = m.embed.text(ids.view(b, 1), (self.n_prompt + index).view(b, 1),
-                             code_index=torch.full((b, 1), index, dtype=torch.long, device=device))
-        self.key_valid = torch.cat([self.key_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        if self.cache is not None:
-            hidden, _ = m._transformer(embed, self.key_valid, self.bidir, self.width + index, self.cache)
-        else:
-            self.embeds.append(embed)
-            hidden, _ = m._transformer(torch.cat([self.prompt, *self.embeds], dim=1), self.key_valid, self.bidir, 0,
-                                       None)
-        return m.lm_head(hidden[:, -1])
+        b, device = self.b, ids.device
+        new_index = torch.full((b, 1), index, dtype=torch.long, device=device)
+        self.ids = torch.cat([self.ids, ids.view(b, 1)], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        self.code_index = torch.cat([self.code_index, new_index], dim=1)
+        fed = (ids.view(b, 1), new_index) if self.cache is not None else (self.ids, self.code_index)
+        out = self.model({"input_ids": fed[0], "attention_mask": self.mask, "prefix_len": self.prefix_len,
+                          "code_index": fed[1]}, cache=self.cache)
+        return out.logits[:, -1]
 
 
 @torch.no_grad()
@@ -117,7 +109,8 @@ def generate_image_codes(model: M6Model, input_ids: Tensor, attention_mask: Opti
                          guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          generator: Optional[torch.Generator] = None, use_cache: bool = True,
                          keep_codes: Optional[Tensor] = None, keep_mask: Optional[Tensor] = None) -> Tensor:
-    """Image codes [B, grid_size ** 2] (tokenizer codes, raster order) for right-padded `generate` prompts.
+    """Image codes [B, grid_size ** 2] (tokenizer codes, raster order) for `generate` prompts (padded on either
+    side; they run left-padded).
 
     `uncond_ids`/`uncond_mask`: the caption-free prompt(s) ([B, T'] or [1, T'], e.g. the prompt marker alone) for
     classifier-free guidance at `guidance_scale`; without them the scale must be 1 (plain conditional sampling).

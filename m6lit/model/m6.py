@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, build_attention_mask
+from .attention import build_attention_mask
 from .block import TransformerBlock, checkpointed_call
 from .config import M6Config
 from .embeddings import M6Embeddings
-from .image_vocab import ImageVocab, mask_image_ids
 from .moe import MoEAux, MoELayer
 
 IGNORE_INDEX = -100
@@ -82,6 +81,31 @@ def token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]
                           ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((logits.argmax(-1) == targets) & mask).sum()
     return nll, mask.sum(), correct
+
+
+def text_positions(attention_mask: Tensor) -> Tensor:
+    """Text position of every column [B, T]: the count of valid tokens before it, so left-padded prompts and
+    tokens appended after padding get the positions of the unpadded text; padding columns keep their column index
+    (for a right-padded batch this is `arange(T)` in every row)."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask, attention_mask.long().cumsum(1) - 1, columns)
+
+
+def left_pad(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts [B, T] padded anywhere (m6lit's batches pad on the right) as left-padded `input_ids` and a bool
+    `attention_mask` [B, W], W the longest prompt: each row's valid tokens in order, right-aligned — the one padding
+    of generation (transformers' `generate` continues the last column)."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"generate: prompt rows {empty} are empty (attention_mask has no valid token)")
+    width = int(lengths.max())
+    # a stable sort of the validity moves each row's tokens, in order, behind its padding
+    order = mask.to(torch.uint8).sort(dim=1, stable=True).indices[:, -width:]
+    ids = input_ids.gather(1, order)
+    left = torch.arange(width, device=mask.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    return ids.masked_fill(~left, pad_token_id), left
 
 
 class M6Model(nn.Module):
@@ -178,37 +202,75 @@ class M6Model(nn.Module):
         self._compiled_blocks = {id(b): b for b in self.blocks}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False,
-                compute_logits: bool = True) -> M6Output:
+    def forward(self, batch: Mapping[str, Tensor], return_hidden: bool = False, compute_logits: bool = True,
+                cache: Optional[Any] = None) -> M6Output:
         """Run the batch contract: [image patches][prefix text][target text] → logits over text positions.
-        `compute_logits=False` skips the LM head (logits empty; for `chunked_lm_loss` on the returned hidden)."""
+        `compute_logits=False` skips the LM head (logits empty; for `chunked_lm_loss` on the returned hidden).
+
+        Text positions count each row's valid tokens and `prefix_len` counts from its first valid one, so prompts
+        may be padded on the left (generation) as well as on the right (training). Optional `code_index` [B, T]:
+        the grid index of each image code (default: the running count of codes in the row).
+
+        `cache`: a KV cache with transformers' `Cache` interface (`update(key, value, layer_idx)`,
+        `get_seq_length()`; a `DynamicCache` or m6lit's `KVCache`), one entry per logical layer. An empty cache is
+        filled with this call (the image patches first); with a non-empty one the call continues it:
+        `input_ids` [B, n] are the new tokens, `attention_mask` [B, T_past + n] (required) covers all of the text
+        so far, pixel values are not embedded again (`image_mask` still says which rows have an image) and the
+        logits cover the new tokens.
+        """
         if "input_ids" not in batch:
             raise KeyError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
         input_ids = batch["input_ids"]
-        b, t = input_ids.shape
+        b, n = input_ids.shape
+        past = 0 if cache is None else int(cache.get_seq_length())
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
+            if past:
+                raise ValueError("M6Model: with a non-empty cache, batch['attention_mask'] must cover the text so far "
+                                 "and the new tokens (the cache holds the image too, so its length alone cannot say)")
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
         prefix_len = batch.get("prefix_len")
         if prefix_len is None:
             prefix_len = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-        positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x, key_valid, p = self._embed(input_ids, positions, attention_mask.bool(), batch.get("pixel_values"),
-                                      batch.get("image_mask"))
-        hidden, stats = self._transformer(x, key_valid, p + prefix_len, 0, None)
-        return self._output(hidden, stats, p, return_hidden or not compute_logits, compute_logits)
+        text_past = attention_mask.shape[1] - n
+        positions = text_positions(attention_mask)[:, text_past:]
+        code_index = batch.get("code_index")
+        if past == 0:
+            if text_past:
+                raise ValueError(f"M6Model: attention_mask covers {attention_mask.shape[1]} columns but input_ids has "
+                                 f"{n} and the cache is empty")
+            x, key_valid, p = self._embed(input_ids, positions, attention_mask, batch.get("pixel_values"),
+                                          batch.get("image_mask"), code_index)
+            logits_from = p
+        else:
+            p = past - text_past  # the cache holds the image patches, then the earlier text columns
+            if p not in (0, self.embed.patches.num_patches):
+                raise ValueError(f"M6Model: the cache holds {past} positions, which does not match {text_past} "
+                                 f"earlier text columns of attention_mask plus an image; pass the attention mask of "
+                                 f"the whole text so far")
+            x = self.embed.text(input_ids, positions, code_index)
+            key_valid = torch.cat([self._image_valid(b, p, batch.get("image_mask"), input_ids.device),
+                                   attention_mask], dim=1)
+            logits_from = 0
+        first_valid = attention_mask.long().argmax(1)  # 0 for right padding; the left padding's width
+        hidden, stats = self._transformer(x, key_valid, p + first_valid + prefix_len, past, cache)
+        return self._output(hidden, stats, logits_from, return_hidden or not compute_logits, compute_logits)
+
+    @staticmethod
+    def _image_valid(b: int, p: int, image_mask: Optional[Tensor], device: torch.device) -> Tensor:
+        if image_mask is None:
+            return torch.ones(b, p, dtype=torch.bool, device=device)
+        return image_mask.bool().view(-1, 1).expand(-1, p)
 
     def _embed(self, input_ids: Tensor, positions: Tensor, attention_mask: Tensor, pixel_values: Optional[Tensor],
-               image_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
-        text = self.embed.text(input_ids, positions)
+               image_mask: Optional[Tensor], code_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor, int]:
+        text = self.embed.text(input_ids, positions, code_index)
         if pixel_values is None:
             return text, attention_mask, 0
         image = self.embed.image(pixel_values).to(text.dtype)
         p = image.shape[1]
-        if image_mask is None:
-            image_valid = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
-        else:
-            image_valid = image_mask.bool().view(-1, 1).expand(-1, p)
+        image_valid = self._image_valid(image.shape[0], p, image_mask, image.device)
         return torch.cat([image, text], dim=1), torch.cat([image_valid, attention_mask], dim=1), p
 
     def _check_length(self, total: int) -> None:
@@ -217,7 +279,7 @@ class M6Model(nn.Module):
                              f"config.max_seq_len={self.config.max_seq_len}")
 
     def _transformer(self, x: Tensor, key_valid: Tensor, bidir_len: Tensor, q_start: int,
-                     cache: Optional[KVCache]) -> tuple[Tensor, dict[int, MoEAux]]:
+                     cache: Optional[Any]) -> tuple[Tensor, dict[int, MoEAux]]:
         self._check_length(q_start + x.shape[1] if cache is not None else x.shape[1])
         self._compile_new_blocks()
         mask = build_attention_mask(key_valid, bidir_len, q_start, x.shape[1], self.attention_impl,
@@ -232,8 +294,6 @@ class M6Model(nn.Module):
                 x, aux = self.blocks[block_idx](x, mask, token_mask, cache, layer)
             if aux is not None:
                 stats[layer] = aux
-        if cache is not None:
-            cache.advance(x.shape[1])
         return self.norm(x), stats
 
     def _output(self, hidden: Tensor, stats: dict[int, MoEAux], image_len: int, return_hidden: bool,
@@ -263,89 +323,6 @@ class M6Model(nn.Module):
         hidden, _ = self._transformer(x, key_valid, p + attention_mask.sum(1), 0, None)
         weight = key_valid.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 prefix_len: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
-                 image_mask: Optional[Tensor] = None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """Continue right-padded prompts (image + prefix) with greedy or nucleus sampling; batched, KV-cached.
-
-        The prompt's first `prefix_len` tokens (default: all of it) are bidirectional context, as in training.
-        Returns new tokens [B, n] (n ≤ max_new_tokens); after a row's EOS it holds pad. Call `eval()` first to
-        disable dropout.
-        """
-        if max_new_tokens < 1:
-            raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError(f"generate: temperature={temperature} must be > 0 and top_p={top_p} in (0, 1]")
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        b, t = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        n_prompt = attention_mask.sum(1)
-        if bool((n_prompt == 0).any()):
-            raise ValueError("generate: every prompt needs at least one token (attention_mask row is empty)")
-        # new tokens go after the padded width, so drop trailing columns that are padding in every row: the length
-        # limit then depends on the prompts, not on how wide the batch happened to be padded
-        t = int(attention_mask.any(0).nonzero().max()) + 1
-        input_ids, attention_mask = input_ids[:, :t], attention_mask[:, :t]
-        bidir = n_prompt if prefix_len is None else prefix_len
-        positions = torch.arange(t, device=device).expand(b, t)
-        prompt, key_valid, p = self._embed(input_ids, positions, attention_mask, pixel_values, image_mask)
-        if p + t + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"generate: {p} image patches + {t} prompt positions + max_new_tokens={max_new_tokens} "
-                             f"= {p + t + max_new_tokens} exceeds config.max_seq_len={self.config.max_seq_len}; "
-                             f"shorten the prompt or max_new_tokens")
-        start = prompt.shape[1]
-        cache = None
-        if use_cache:
-            cache = KVCache(self.config.num_layers, b, self.config.n_heads, start + max_new_tokens,
-                            self.config.head_dim, prompt.dtype, device)
-        hidden, _ = self._transformer(prompt, key_valid, p + bidir, 0, cache)
-        rows = torch.arange(b, device=device)
-        logits = self.lm_head(hidden[rows, p + n_prompt - 1])
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        generated: list[Tensor] = []
-        new_embeds: list[Tensor] = []
-        image_vocab = ImageVocab.from_config(self.config) if self.config.image_codebook_size else None
-        for step in range(max_new_tokens):
-            if image_vocab is not None:  # text generation never emits an image id
-                logits = mask_image_ids(logits, image_vocab)
-            token = self._choose(logits, do_sample, temperature, top_p, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            generated.append(token)
-            finished = finished | (token == eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            embed = self.embed.text(token.view(b, 1), (n_prompt + step).view(b, 1))
-            key_valid = torch.cat([key_valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-            if cache is not None:
-                hidden, _ = self._transformer(embed, key_valid, p + bidir, start + step, cache)
-            else:
-                new_embeds.append(embed)
-                hidden, _ = self._transformer(torch.cat([prompt, *new_embeds], dim=1), key_valid, p + bidir, 0,
-                                              None)
-            logits = self.lm_head(hidden[:, -1])
-        return torch.stack(generated, dim=1)
-
-    @staticmethod
-    def _choose(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
-                generator: Optional[torch.Generator]) -> Tensor:
-        if not do_sample:
-            return logits.argmax(-1)
-        probs = (logits.float() / temperature).softmax(-1)
-        if top_p < 1.0:
-            sorted_probs, idx = probs.sort(-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, unique: bool = True) -> int:
