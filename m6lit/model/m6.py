@@ -253,7 +253,9 @@ class M6Model(nn.Module):
             key_valid = torch.cat([self._image_valid(b, p, batch.get("image_mask"), input_ids.device),
                                    attention_mask], dim=1)
             logits_from = 0
-        first_valid = attention_mask.long().argmax(1)  # 0 for right padding; the left padding's width
+        # 0 for right padding (and for an image without text); the left padding's width
+        first_valid = (attention_mask.long().argmax(1) if attention_mask.shape[1]
+                       else torch.zeros(b, dtype=torch.long, device=input_ids.device))
         hidden, stats = self._transformer(x, key_valid, p + first_valid + prefix_len, past, cache)
         return self._output(hidden, stats, logits_from, return_hidden or not compute_logits, compute_logits)
 
