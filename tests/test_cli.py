@@ -162,6 +162,32 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
     assert printed["trainer"]["logger"] is not None
 
 
+#: the recipes as they were before they named a base recipe (`config: demo.yaml`) and listed only what differs
+FLAT = sorted((ROOT / "tests" / "data" / "recipes_flat").glob("*.yaml"))
+
+
+def _printed(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("flat", FLAT, ids=[c.name for c in FLAT])
+def test_a_composed_recipe_resolves_to_its_flat_form(flat: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipe that includes a base and states only what differs resolves to exactly the config its flat copy
+    (every key written out) resolves to; a file stacked over it still wins."""
+    composed = ROOT / "configs" / flat.name
+    assert "\nconfig: " in composed.read_text(), f"{composed.name} no longer names a base recipe"
+    resolved = _printed(capsys, "--config", str(composed))
+    assert resolved == _printed(capsys, "--config", str(flat))
+    overrides = write_overrides(tmp_path / "o.yaml", {"model": {"config": {"d_model": 96}}}, max_steps=7)
+    stacked = _printed(capsys, "--config", str(composed), "--config", str(overrides))
+    resolved["trainer"]["max_steps"], resolved["model"]["config"]["d_model"] = 7, 96
+    assert stacked == resolved
+
+
 def test_unknown_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(DEMO), "--model.config.num_experst", "8"])
