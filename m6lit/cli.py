@@ -158,6 +158,9 @@ class M6CLI(LightningCLI):
         parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
         parser.add_lightning_class_args(CaptionWriter, "predictions")
         parser.add_lightning_class_args(PseudoToReal, "pseudo_to_real")
+        # M6LitModule's default M6Config() has already filled num_unique_blocks from ITS num_layers (4); as a
+        # parser default that would silently share the blocks of any config that sets num_layers alone
+        parser.set_defaults({"model.config.num_unique_blocks": None})
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
@@ -315,7 +318,7 @@ def _model_class_path(argv: list[str]) -> Optional[str]:
 # Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
 EXTRA_COMMANDS = {
     "export": "m6lit.export:main",
-    "plan": "m6lit.strategies.planner:main",
+    "plan": "m6lit.plan_cli:main",
 }
 
 
