@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+from argparse import ArgumentError
 import os
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from jsonargparse import lazy_instance
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, lazy_instance
 
 import m6lit
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
@@ -295,24 +296,37 @@ class TokenizerCLI(M6CLI):
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 
+class _ModelClassParser(ArgumentParser):
+    """A parser that reads the command line's `--config` files (stacked, with their included base recipes) and
+    `--model` values the way the CLI does, to learn which LightningModule the config names. It checks nothing
+    else: the CLI it selects parses and validates the whole config."""
+
+    def __init__(self) -> None:
+        super().__init__(exit_on_error=False)
+        self.add_argument("--config", action=ActionConfigFile)
+        self.add_argument("--model", type=Optional[Union[dict, str]])
+
+    def validate(self, cfg: Namespace, skip_required: bool = False) -> None:
+        """Keys of the rest of the config (data, trainer, ...) are not this parser's to check."""
+
+
 def _model_class_path(argv: list[str]) -> Optional[str]:
     """The `model.class_path` the command line selects (stacked `--config` files, later ones win), if any."""
-    import yaml
-
-    found: Optional[str] = None
+    wanted = []
     for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg in ("--config", "--model", "--model.class_path") and i + 1 < len(argv) else None
-        if arg.startswith(("--config=", "--model=", "--model.class_path=")):
-            arg, value = arg.split("=", 1)
-        if value is None:
-            continue
-        if arg == "--config" and Path(value).is_file():
-            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
-            if isinstance(model, dict) and "class_path" in model:
-                found = str(model["class_path"])
-        elif arg in ("--model", "--model.class_path") and not value.lstrip().startswith(("{", "/")):
-            found = value
-    return found
+        if arg in ("--config", "--model", "--model.class_path") and i + 1 < len(argv):
+            wanted += [arg, argv[i + 1]]
+        elif arg.startswith(("--config=", "--model=", "--model.class_path=")):
+            wanted.append(arg)
+    try:
+        model = _ModelClassParser().parse_args(wanted).get("model")
+    except ArgumentError:
+        return None  # the CLI itself reports what is wrong with the config
+    if isinstance(model, str) and not model.lstrip().startswith(("{", "/")):
+        return model
+    if isinstance(model, (dict, Namespace)) and "class_path" in model:
+        return str(model["class_path"])
+    return None
 
 
 # Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
