@@ -331,7 +331,7 @@ def _model_class_path(argv: list[str]) -> Optional[str]:
 
 # Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
 EXTRA_COMMANDS = {
-    "export": "m6lit.export:main",
+    "export": "m6lit.export.command:main",
     "plan": "m6lit.plan_cli:main",
 }
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.cli import main as m6lit_main
