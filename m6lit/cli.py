@@ -46,6 +46,7 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.data.sources import BadSampleError
+from m6lit.model.flavors import FLAVORS, flavor_values
 from m6lit.module import M6LitModule
 from m6lit.tokenizer_module import ImageTokenizerModule
 
@@ -162,6 +163,10 @@ class M6CLI(LightningCLI):
         # M6LitModule's default M6Config() has already filled num_unique_blocks from ITS num_layers (4); as a
         # parser default that would silently share the blocks of any config that sets num_layers alone
         parser.set_defaults({"model.config.num_unique_blocks": None})
+        parser.add_argument("--flavor", type=Optional[str], default=None,
+                            help=f"a named model architecture whose values become the model.config defaults (any "
+                                 f"model.config key still overrides it): one of {sorted(FLAVORS)} "
+                                 f"(m6lit.model.flavors)")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
@@ -170,6 +175,18 @@ class M6CLI(LightningCLI):
         parser.link_arguments("model.config.image_size", "data.image_size")
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as Lightning does, with the selected `flavor`'s values as the `model.config` defaults: below every
+        config file and option, so the YAML and the command line override single keys of it."""
+        flavor = None
+        if self.module_class is M6LitModule:
+            flavor = _selected(list(sys.argv[1:] if args is None else args)).get("flavor")
+        if flavor is not None:
+            defaults = {f"model.config.{key}": value for key, value in flavor_values(str(flavor)).items()}
+            for subparser in (getattr(self, "_subcommand_parsers", None) or {None: parser}).values():
+                subparser.set_defaults(defaults)
+        super().parse_arguments(parser, args)
 
     def _resolve_ckpt_path(self, subcommand: str, ckpt_path: str) -> Optional[Path]:
         """The file `--ckpt_path` names (`last` = `<checkpoint.dirpath>/last.ckpt` if present), or None."""
@@ -296,32 +313,40 @@ class TokenizerCLI(M6CLI):
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 
-class _ModelClassParser(ArgumentParser):
-    """A parser that reads the command line's `--config` files (stacked, with their included base recipes) and
-    `--model` values the way the CLI does, to learn which LightningModule the config names. It checks nothing
-    else: the CLI it selects parses and validates the whole config."""
+class _SelectorParser(ArgumentParser):
+    """A parser that reads the command line's `--config` files (stacked, with their included base recipes),
+    `--model` and `--flavor` values the way the CLI does, to learn which LightningModule the config names and which
+    model flavor it selects. It checks nothing else: the CLI parses and validates the whole config."""
 
     def __init__(self) -> None:
         super().__init__(exit_on_error=False)
         self.add_argument("--config", action=ActionConfigFile)
         self.add_argument("--model", type=Optional[Union[dict, str]])
+        self.add_argument("--flavor", type=Optional[str])
 
     def validate(self, cfg: Namespace, skip_required: bool = False) -> None:
         """Keys of the rest of the config (data, trainer, ...) are not this parser's to check."""
 
 
-def _model_class_path(argv: list[str]) -> Optional[str]:
-    """The `model.class_path` the command line selects (stacked `--config` files, later ones win), if any."""
+def _selected(argv: list[str]) -> Namespace:
+    """The `model` and `flavor` the command line selects (stacked `--config` files, later ones win); empty when the
+    config cannot be read (the CLI itself then reports what is wrong)."""
+    options = ("--config", "--model", "--model.class_path", "--flavor")
     wanted = []
     for i, arg in enumerate(argv):
-        if arg in ("--config", "--model", "--model.class_path") and i + 1 < len(argv):
+        if arg in options and i + 1 < len(argv):
             wanted += [arg, argv[i + 1]]
-        elif arg.startswith(("--config=", "--model=", "--model.class_path=")):
+        elif arg.startswith(tuple(f"{o}=" for o in options)):
             wanted.append(arg)
     try:
-        model = _ModelClassParser().parse_args(wanted).get("model")
+        return _SelectorParser().parse_args(wanted)
     except ArgumentError:
-        return None  # the CLI itself reports what is wrong with the config
+        return Namespace()
+
+
+def _model_class_path(argv: list[str]) -> Optional[str]:
+    """The `model.class_path` the command line selects, if any."""
+    model = _selected(argv).get("model")
     if isinstance(model, str) and not model.lstrip().startswith(("{", "/")):
         return model
     if isinstance(model, (dict, Namespace)) and "class_path" in model:

@@ -35,9 +35,9 @@ def test_delink_target_reads_the_active_pseudo_to_real() -> None:
 
 
 def test_m6_10t_plans_on_the_meta_device_without_allocating() -> None:
-    config = yaml.safe_load((CONFIGS / "m6-10t.yaml").read_text())["model"]["config"]
+    assert yaml.safe_load((CONFIGS / "m6-10t.yaml").read_text())["flavor"] == "m6-10t"
     with torch.device("meta"):
-        real = M6Model(M6Config.from_dict({**config, "num_unique_blocks": None}).validate())
+        real = M6Model(M6Config.from_name("m6-10t", num_unique_blocks=None))
     assert 9.9e12 < sum(p.numel() for p in real.parameters()) < 10.2e12
     script = ("import resource, sys\n"
               "from m6lit.plan_cli import main\n"

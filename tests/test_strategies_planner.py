@@ -12,6 +12,7 @@ from _fakes import tiny_config
 from torch import nn
 
 from m6lit.model import M6Config, M6Model
+from m6lit.model.flavors import flavor_values
 from m6lit.strategies.estimate import estimate, find_config
 from m6lit.strategies.planner import plan_offload
 from m6lit.strategies.sizes import parse_bytes
@@ -71,7 +72,9 @@ def test_the_12b_recipe_plans_on_the_meta_device_and_fits_its_budgets() -> None:
     path = ROOT / "configs" / "offload-12b.yaml"
     cfg = yaml.safe_load(path.read_text())
     strategy = cfg["trainer"]["strategy"]["init_args"]
-    root = _meta_root(cfg["model"]["config"])
+    assert cfg["flavor"] == "offload-12b" and "config" not in cfg["model"]
+    model_config = flavor_values("offload-12b")
+    root = _meta_root(model_config)
     config = root.model.config
     assert all(p.is_meta for p in root.parameters())
     assert config.activation_checkpointing == "all" and config.moe_layers == "none"
@@ -86,6 +89,6 @@ def test_the_12b_recipe_plans_on_the_meta_device_and_fits_its_budgets() -> None:
     assert est.host_total <= parse_bytes(strategy["host_memory_budget"]) <= parse_bytes("128GiB")
     assert est.offloaded_params > 0.4 * (est.resident_params + est.offloaded_params)
     assert "model.blocks.0" not in plan.offload and f"model.blocks.{config.num_layers - 1}" not in plan.offload
-    plain = plan_offload(_meta_root({**cfg["model"]["config"], "activation_checkpointing": None}), offload=plan.offload,
+    plain = plan_offload(_meta_root({**model_config, "activation_checkpointing": None}), offload=plan.offload,
                          precision="bf16-mixed", micro_batch_tokens=tokens).estimate
     assert est.gpu["activations"] < plain.gpu["activations"] / 5, "checkpointing is what makes it fit"
