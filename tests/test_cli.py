@@ -207,6 +207,20 @@ def test_a_flavor_gives_the_model_config_defaults_that_keys_and_options_override
     _short_error(run_raw("fit", "--flavor", "p2r-gaint", "--print_config"), "flavor='p2r-gaint'", "p2r-giant")
 
 
+def test_num_layers_alone_means_one_block_per_layer() -> None:
+    """M6LitModule's default M6Config() has num_unique_blocks filled from its own 4 layers; the CLI must not make
+    that the default, or an 8-layer config would silently run on 4 shared blocks."""
+    from m6lit.cli import M6CLI
+
+    cli = M6CLI(args=["--config", str(DEMO), "--model.config.num_layers", "8", "--model.config.num_unique_blocks",
+                      "null", "--trainer.logger", "false"], run=False)
+    assert len(cli.model.model.blocks) == 8
+    cli = M6CLI(args=["--config", str(ROOT / "configs" / "t2i-demo.yaml"), "--config",
+                      str(ROOT / "configs" / "t2i-gpu.yaml"), "--data.image_tokenizer", "null",
+                      "--data.task_mix", '{"caption": 1.0, "generate": 0.0}', "--trainer.logger", "false"], run=False)
+    assert cli.model.model.config.num_layers == 8 and len(cli.model.model.blocks) == 8
+
+
 def test_unknown_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(DEMO), "--model.config.num_experst", "8"])
