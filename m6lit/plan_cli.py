@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 
 from m6lit.callbacks.pseudo_to_real import PseudoToReal
-from m6lit.cli import M6CLI
+from m6lit.cli import M6CLI, _strategy_short_name_with_options
 from m6lit.model import M6Model
 from m6lit.strategies.offload import SelectiveOffloadStrategy
 from m6lit.strategies.planner import plan_offload
@@ -133,7 +133,7 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `m6lit plan` (argv without the subcommand)."""
-    cli = PlanCLI(list(sys.argv[1:] if argv is None else argv))
+    cli = PlanCLI(_strategy_short_name_with_options(list(sys.argv[1:] if argv is None else argv)))
     configs = cli.config.get("config") or []
     name = str(configs[-1]).rsplit("/", 1)[-1] if configs else "config"
     print_plan(name, cli.model, cli.trainer, int(cli.datamodule.batch_size), cli.plan_options())
