@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-from argparse import ArgumentError
 import os
 import sys
 import traceback
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 

@@ -296,4 +296,4 @@ def active_params(config: Any, rows: Sequence[Row]) -> float:
 
 
 __all__ = ["HOST_LAYOUTS", "PRECISIONS", "MemoryEstimate", "Row", "activation_bytes_per_token", "active_params",
-           "estimate", "find_blocks", "find_config"]
+           "apply_units", "estimate", "find_blocks", "find_config", "measure_rows"]
