@@ -101,7 +101,11 @@ def recipe_config(quick: bool) -> tuple[M6Config, int, str]:
     if RECIPE.is_file():
         import yaml
 
-        overrides = dict(((yaml.safe_load(RECIPE.read_text()) or {}).get("model") or {}).get("config") or {})
+        from m6lit.model.flavors import flavor_values
+
+        recipe = yaml.safe_load(RECIPE.read_text()) or {}
+        overrides = flavor_values(recipe["flavor"]) if recipe.get("flavor") else {}  # the recipe's named model
+        overrides.update(((recipe.get("model") or {}).get("config") or {}))
         source = str(RECIPE.relative_to(ROOT))
     config = model_config(d_model=5120, layers=38, heads=40, d_ff=13824)
     values = {f: getattr(config, f) for f in fields}

@@ -25,15 +25,16 @@ import os
 import sys
 import traceback
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from jsonargparse import lazy_instance
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, lazy_instance
 
 import m6lit
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
@@ -45,6 +46,7 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.checkpoint_io import AtomicCheckpointIO
 from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.data.sources import BadSampleError
+from m6lit.model.flavors import FLAVORS, flavor_values
 from m6lit.module import M6LitModule
 from m6lit.tokenizer_module import ImageTokenizerModule
 
@@ -158,6 +160,13 @@ class M6CLI(LightningCLI):
         parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
         parser.add_lightning_class_args(CaptionWriter, "predictions")
         parser.add_lightning_class_args(PseudoToReal, "pseudo_to_real")
+        # M6LitModule's default M6Config() has already filled num_unique_blocks from ITS num_layers (4); as a
+        # parser default that would silently share the blocks of any config that sets num_layers alone
+        parser.set_defaults({"model.config.num_unique_blocks": None})
+        parser.add_argument("--flavor", type=Optional[str], default=None,
+                            help=f"a named model architecture whose values become the model.config defaults (any "
+                                 f"model.config key still overrides it): one of {sorted(FLAVORS)} "
+                                 f"(m6lit.model.flavors)")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.config.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.eos_token_id", "model.config.eos_token_id", apply_on="instantiate")
@@ -166,6 +175,18 @@ class M6CLI(LightningCLI):
         parser.link_arguments("model.config.image_size", "data.image_size")
         parser.link_arguments(("model.config.max_seq_len", "model.config.image_size", "model.config.patch_size"),
                               "data.max_text_len", compute_fn=text_budget)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as Lightning does, with the selected `flavor`'s values as the `model.config` defaults: below every
+        config file and option, so the YAML and the command line override single keys of it."""
+        flavor = None
+        if self.module_class is M6LitModule:
+            flavor = _selected(list(sys.argv[1:] if args is None else args)).get("flavor")
+        if flavor is not None:
+            defaults = {f"model.config.{key}": value for key, value in flavor_values(str(flavor)).items()}
+            for subparser in (getattr(self, "_subcommand_parsers", None) or {None: parser}).values():
+                subparser.set_defaults(defaults)
+        super().parse_arguments(parser, args)
 
     def _resolve_ckpt_path(self, subcommand: str, ckpt_path: str) -> Optional[Path]:
         """The file `--ckpt_path` names (`last` = `<checkpoint.dirpath>/last.ckpt` if present), or None."""
@@ -292,30 +313,51 @@ class TokenizerCLI(M6CLI):
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 
-def _model_class_path(argv: list[str]) -> Optional[str]:
-    """The `model.class_path` the command line selects (stacked `--config` files, later ones win), if any."""
-    import yaml
+class _SelectorParser(ArgumentParser):
+    """A parser that reads the command line's `--config` files (stacked, with their included base recipes),
+    `--model` and `--flavor` values the way the CLI does, to learn which LightningModule the config names and which
+    model flavor it selects. It checks nothing else: the CLI parses and validates the whole config."""
 
-    found: Optional[str] = None
+    def __init__(self) -> None:
+        super().__init__(exit_on_error=False)
+        self.add_argument("--config", action=ActionConfigFile)
+        self.add_argument("--model", type=Optional[Union[dict, str]])
+        self.add_argument("--flavor", type=Optional[str])
+
+    def validate(self, cfg: Namespace, skip_required: bool = False) -> None:
+        """Keys of the rest of the config (data, trainer, ...) are not this parser's to check."""
+
+
+def _selected(argv: list[str]) -> Namespace:
+    """The `model` and `flavor` the command line selects (stacked `--config` files, later ones win); empty when the
+    config cannot be read (the CLI itself then reports what is wrong)."""
+    options = ("--config", "--model", "--model.class_path", "--flavor")
+    wanted = []
     for i, arg in enumerate(argv):
-        value = argv[i + 1] if arg in ("--config", "--model", "--model.class_path") and i + 1 < len(argv) else None
-        if arg.startswith(("--config=", "--model=", "--model.class_path=")):
-            arg, value = arg.split("=", 1)
-        if value is None:
-            continue
-        if arg == "--config" and Path(value).is_file():
-            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
-            if isinstance(model, dict) and "class_path" in model:
-                found = str(model["class_path"])
-        elif arg in ("--model", "--model.class_path") and not value.lstrip().startswith(("{", "/")):
-            found = value
-    return found
+        if arg in options and i + 1 < len(argv):
+            wanted += [arg, argv[i + 1]]
+        elif arg.startswith(tuple(f"{o}=" for o in options)):
+            wanted.append(arg)
+    try:
+        return _SelectorParser().parse_args(wanted)
+    except ArgumentError:
+        return Namespace()
+
+
+def _model_class_path(argv: list[str]) -> Optional[str]:
+    """The `model.class_path` the command line selects, if any."""
+    model = _selected(argv).get("model")
+    if isinstance(model, str) and not model.lstrip().startswith(("{", "/")):
+        return model
+    if isinstance(model, (dict, Namespace)) and "class_path" in model:
+        return str(model["class_path"])
+    return None
 
 
 # Subcommands outside Lightning's fit/validate/test/predict: name -> "module:function", each function taking argv.
 EXTRA_COMMANDS = {
-    "export": "m6lit.export:main",
-    "plan": "m6lit.strategies.planner:main",
+    "export": "m6lit.export.command:main",
+    "plan": "m6lit.plan_cli:main",
 }
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from .export import load_exported_weights
+from .model.exported_weights import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 from .model.embeddings import check_token_ids
 from .model.flops import training_flops

@@ -16,6 +16,7 @@ import yaml
 from _wandb import metric, offline_runs, read_history
 from m6lit.cli import main
 from m6lit.model import M6Config
+from m6lit.model.flavors import FLAVORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -163,6 +164,64 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
     if "config" in printed["model"]:  # an M6 model (the image tokenizer's config names its class instead)
         M6Config.from_dict(printed["model"]["config"]).validate()  # the model part is valid, not only parseable
     assert printed["trainer"]["logger"] is not None
+
+
+#: the recipes as they were before they named a base recipe (`config: demo.yaml`) or a model flavor
+#: (`flavor: p2r-giant`) and listed only what differs
+FLAT = sorted((ROOT / "tests" / "data" / "recipes_flat").glob("*.yaml"))
+
+
+def _printed(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("flat", FLAT, ids=[c.name for c in FLAT])
+def test_a_composed_recipe_resolves_to_its_flat_form(flat: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipe that includes a base or names a flavor and states only what differs resolves to exactly the config
+    its flat copy (every key written out) resolves to; a file stacked over it still wins."""
+    composed = ROOT / "configs" / flat.name
+    text = composed.read_text()
+    assert "\nconfig: " in text or "\nflavor: " in text, f"{composed.name} names neither a base recipe nor a flavor"
+    resolved = _printed(capsys, "--config", str(composed))
+    reference = _printed(capsys, "--config", str(flat))
+    assert reference.pop("flavor") is None and resolved.pop("flavor") in (None, *FLAVORS)
+    assert resolved == reference
+    overrides = write_overrides(tmp_path / "o.yaml", {"model": {"config": {"d_model": 96}}}, max_steps=7)
+    stacked = _printed(capsys, "--config", str(composed), "--config", str(overrides))
+    resolved["trainer"]["max_steps"], resolved["model"]["config"]["d_model"] = 7, 96
+    stacked.pop("flavor")
+    assert stacked == resolved
+
+
+def test_a_flavor_gives_the_model_config_defaults_that_keys_and_options_override(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("flavor: p2r-giant\nmodel:\n  config:\n    num_layers: 12\n")
+    printed = _printed(capsys, "--config", str(recipe), "--model.config.d_model", "512")
+    expected = M6Config.from_name("p2r-giant", num_layers=12, d_model=512).to_dict()
+    linked = ("vocab_size", "pad_token_id", "eos_token_id", "image_codebook_size", "image_grid_size")
+    assert {k: v for k, v in printed["model"]["config"].items() if k not in linked} == \
+        {k: v for k, v in expected.items() if k not in linked}
+    assert printed["flavor"] == "p2r-giant"
+    _short_error(run_raw("fit", "--flavor", "p2r-gaint", "--print_config"), "flavor='p2r-gaint'", "p2r-giant")
+
+
+def test_num_layers_alone_means_one_block_per_layer() -> None:
+    """M6LitModule's default M6Config() has num_unique_blocks filled from its own 4 layers; the CLI must not make
+    that the default, or an 8-layer config would silently run on 4 shared blocks."""
+    from m6lit.cli import M6CLI
+
+    cli = M6CLI(args=["--config", str(DEMO), "--model.config.num_layers", "8", "--model.config.num_unique_blocks",
+                      "null", "--trainer.logger", "false"], run=False)
+    assert len(cli.model.model.blocks) == 8
+    cli = M6CLI(args=["--config", str(ROOT / "configs" / "t2i-demo.yaml"), "--config",
+                      str(ROOT / "configs" / "t2i-gpu.yaml"), "--data.image_tokenizer", "null",
+                      "--data.task_mix", '{"caption": 1.0, "generate": 0.0}', "--trainer.logger", "false"], run=False)
+    assert cli.model.model.config.num_layers == 8 and len(cli.model.model.blocks) == 8
 
 
 def test_unknown_config_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,6 +38,24 @@ def test_both_kinds_of_config_parse(config: str, kind: str, capsys: pytest.Captu
         assert printed["model"]["config"]["image_size"] == 48 and "class_path" not in printed["model"]
 
 
+def test_a_recipe_that_includes_the_tokenizer_config_selects_the_tokenizer_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The module class is read by jsonargparse like the rest of the config: through an included base recipe and
+    stacked files, and from `--model.class_path` on the command line."""
+    overlay = tmp_path / "small.yaml"
+    overlay.write_text(f"config: {TOKENIZER}\nmodel.init_args.codebook_size: 64\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(overlay), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "m6lit.tokenizer_module.ImageTokenizerModule"
+    assert printed["model"]["init_args"]["codebook_size"] == 64
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.class_path",
+              "m6lit.tokenizer_module.ImageTokenizerModule", "--print_config"])
+    err = capsys.readouterr().err  # the tokenizer CLI parsed it: the demo's M6 model keys are not its module's
+    assert 'Parser key "model"' in err and "max_new_tokens" in err
+
+
 def test_code_statistics_and_grid() -> None:
     usage, perplexity = code_statistics(torch.tensor([[0, 0, 1, 1]]), 4)
     assert usage == 0.5 and torch.isclose(perplexity, torch.tensor(2.0))

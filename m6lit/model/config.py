@@ -409,3 +409,9 @@ class M6Config:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes).validate()
 
+    @classmethod
+    def from_name(cls, name: str, **changes: Any) -> "M6Config":
+        """The named flavor `name` (`m6lit.model.flavors`) with `changes` applied, validated."""
+        from .flavors import flavor_values
+
+        return cls.from_dict({**flavor_values(name), **changes}).validate()

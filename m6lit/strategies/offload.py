@@ -44,14 +44,9 @@ from m6lit.strategies.host_engine import (
     init_state,
     wait_event,
 )
-from m6lit.strategies.planner import (
-    OffloadPlan,
-    format_bytes,
-    parse_bytes,
-    plan_offload,
-    resident_params,
-    resolve_offload,
-)
+from m6lit.strategies.patterns import resident_params, resolve_offload
+from m6lit.strategies.planner import OffloadPlan, plan_offload
+from m6lit.strategies.sizes import format_bytes, parse_bytes
 from m6lit.strategies.streaming import ParamStreamer, StreamUnit
 
 _CPU_ANNOUNCED = False
