@@ -7,10 +7,11 @@
     m6lit plan --config configs/m6-10t.yaml --gpu_memory_budget 80GB
 
 Defaults, all visible in `--print_config`: W&B logging offline (`trainer.logger`; sync later with `wandb sync`),
-and four callbacks under their own top-level keys, so one option changes them: `checkpoint` (`M6ModelCheckpoint`:
+and five callbacks under their own top-level keys, so one option changes them: `checkpoint` (`M6ModelCheckpoint`:
 keeps `last.ckpt` at the final step, so `--ckpt_path last` resumes, and the best checkpoint by `val/loss`),
 `progress_bar` (`M6ProgressBar`), `predictions` (`CaptionWriter`: `predict` writes captions to
-`predictions.jsonl` in the log directory) and `pseudo_to_real` (`PseudoToReal`, inactive until `delink_step` or
+`predictions.jsonl` in the log directory), `features` (`FeatureWriter`: with `model.predict_task: features`,
+`predict` writes pooled features to `features/` in the log directory) and `pseudo_to_real` (`PseudoToReal`, inactive until `delink_step` or
 `schedule` is set). `--trainer.enable_checkpointing false` and `--trainer.enable_progress_bar false` leave the
 corresponding callback out. Checkpoint writes are atomic; the config is saved to the log directory (overwritten on
 a re-run) and to the W&B run. Errors in the configuration or the data print one `m6lit: error: ...` message
@@ -40,6 +41,7 @@ import m6lit
 import m6lit.callbacks  # noqa: F401  (registers callback classes for short class_path names)
 import m6lit.strategies  # noqa: F401  (registers the offload strategy's short name, `strategy: m6_offload`)
 from m6lit.callbacks.checkpoint import M6ModelCheckpoint, checkpoint_wandb_run_id
+from m6lit.callbacks.features import FeatureWriter
 from m6lit.callbacks.predictions import CaptionWriter
 from m6lit.callbacks.progress import M6ProgressBar
 from m6lit.callbacks.pseudo_to_real import PseudoToReal
@@ -159,6 +161,7 @@ class M6CLI(LightningCLI):
                              "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
         parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
         parser.add_lightning_class_args(CaptionWriter, "predictions")
+        parser.add_lightning_class_args(FeatureWriter, "features")
         parser.add_lightning_class_args(PseudoToReal, "pseudo_to_real")
         # M6LitModule's default M6Config() has already filled num_unique_blocks from ITS num_layers (4); as a
         # parser default that would silently share the blocks of any config that sets num_layers alone

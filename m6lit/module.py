@@ -23,6 +23,7 @@ from .model.exported_weights import load_exported_weights
 from .model import M6Config, M6Model, delink, lm_loss, token_stats
 from .model.embeddings import check_token_ids
 from .model.flops import training_flops
+from .model.features import FeatureModality, Pooling, check_feature_options, multimodal_features
 from .model.hf import generate_text
 from .model.m6 import chunked_lm_loss
 
@@ -100,8 +101,11 @@ class M6LitModule(LightningModule):
         task_loss_weights: per-task loss weights (keys from `m6lit.data.tasks.TASKS`, missing tasks weigh 1): the loss
             is then each task's token mean, weighted over the tasks in the batch, instead of one token mean (image
             codes would swamp captions). Each task's loss is logged as `train/loss_<task>` either way.
-        predict_task: "caption" (captions for the predict images) or "generate" (images for the predict texts,
-            with `data.image_tokenizer`; write them with `m6lit.callbacks.ImageWriter`).
+        predict_task: "caption" (captions for the predict images), "generate" (images for the predict texts,
+            with `data.image_tokenizer`; write them with `m6lit.callbacks.ImageWriter`) or "features" (pooled
+            features of each predict sample; write them with `m6lit.callbacks.FeatureWriter`).
+        feature_modality / feature_pooling: for `predict_task: features`: "joint", "image" or "text"; "mean" over
+            valid positions or a position index (see `m6lit.model.features.multimodal_features`).
         image_guidance_scale / image_temperature / image_top_k / image_top_p / image_candidates: image sampling
             (classifier-free guidance scale; candidates per prompt, reranked by the model's caption likelihood).
         init_from: a folder written by `m6lit export` to start from (fine-tuning); its config must match `config`
@@ -123,7 +127,8 @@ class M6LitModule(LightningModule):
                  compile_blocks: Union[bool, dict[str, Any]] = False, loss_chunk_tokens: Optional[int] = None,
                  peak_flops: Optional[float] = None, task_loss_weights: Optional[dict[str, float]] = None,
                  predict_task: str = "caption", image_guidance_scale: float = 3.0, image_temperature: float = 1.0,
-                 image_top_k: int = 0, image_top_p: float = 1.0, image_candidates: int = 1) -> None:
+                 image_top_k: int = 0, image_top_p: float = 1.0, image_candidates: int = 1,
+                 feature_modality: FeatureModality = "joint", feature_pooling: Pooling = "mean") -> None:
         super().__init__()
         # a private copy: structural changes (delink, expert split) mutate the model's config, never the caller's
         config = M6Config.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -136,8 +141,9 @@ class M6LitModule(LightningModule):
             raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 1 (or None for the plain loss)")
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops={peak_flops} must be > 0 (or None)")
-        if predict_task not in ("caption", "generate"):
-            raise ValueError(f"model.predict_task={predict_task!r}: must be 'caption' or 'generate'")
+        if predict_task not in ("caption", "generate", "features"):
+            raise ValueError(f"model.predict_task={predict_task!r}: must be 'caption', 'generate' or 'features'")
+        check_feature_options(feature_modality, feature_pooling, key="model.feature_modality/feature_pooling")
         self.save_hyperparameters(ignore=["optimizer", "init_from"])
         self.hparams["config"] = config.to_dict()
         self.optimizer_factory: Callable[..., torch.optim.Optimizer] = optimizer or _default_optimizer
@@ -544,7 +550,23 @@ class M6LitModule(LightningModule):
                                rerank_prompt=encode(PROMPTS["caption"]),
                                rerank_captions=[encode(t) + [eos] for t in texts], **settings)
 
+    def features(self, batch: dict[str, Any]) -> Tensor:
+        """Pooled features [B, D] of a predict batch (its image and its text, `reference_ids`, without the EOS),
+        with the module's `feature_modality` / `feature_pooling`; a row that lacks the chosen input names its
+        sample."""
+        text = batch["reference_ids"]
+        mask = (text != self.config.pad_token_id) & (text != self.config.eos_token_id)
+        try:
+            return multimodal_features(self.model, text, mask, batch.get("pixel_values"), batch.get("image_mask"),
+                                       modality=self.hparams.get("feature_modality", "joint"),
+                                       pooling=self.hparams.get("feature_pooling", "mean"))
+        except ValueError as err:
+            origins = [s.get("origin") for s in batch.get("sources") or []]
+            raise ValueError(f"{err} (samples of this batch: {origins})") from err
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if self.hparams.get("predict_task", "caption") == "features":
+            return {"features": self.features(batch)}
         if self.hparams.get("predict_task", "caption") == "generate":
             tokenizer = self.trainer.datamodule.tokenizer
             texts = tokenizer.batch_decode(batch["reference_ids"], skip_special_tokens=True)

@@ -12,7 +12,6 @@ the sample's values, as ``val/tag/<attribute>/{exact,f1,top1}``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -155,17 +154,16 @@ class TaggingDataModule(LightningDataModule):
 
 def load_backbone(path: str | os.PathLike[str]) -> M6Model:
     """The M6 model of an m6lit checkpoint (`.ckpt` file or distributed-checkpoint folder) or an exported folder."""
-    from .export import load_checkpoint, load_exported_weights, model_from_checkpoint
-
     folder = Path(path)
     if folder.is_dir() and (folder / "config.json").exists():
-        import json
+        from .model.exported_weights import load_exported_weights
+        from .model.hf import M6HFConfig
 
-        raw = json.loads((folder / "config.json").read_text())
-        known = set(M6Config.__dataclass_fields__)
-        model = M6Model(M6Config(**{k: v for k, v in raw.items() if k in known}))
+        model = M6Model(M6HFConfig.from_pretrained(folder).to_m6_config())
         load_exported_weights(model, folder)
         return model
+    from .export.checkpoint import load_checkpoint, model_from_checkpoint
+
     return model_from_checkpoint(load_checkpoint(folder), origin=str(folder))
 
 
@@ -197,11 +195,11 @@ class AttributeTagger(LightningModule):
             raise ValueError("model.backbone (a checkpoint or exported folder) or model.config is required")
         self.save_hyperparameters()
         if isinstance(config, dict):
-            config = M6Config(**config)
+            config = M6Config.from_dict(config)
         self.backbone = load_backbone(backbone) if backbone is not None else M6Model(config)
         # checkpoints rebuild the backbone from its config (the weights are in the state dict), not from the path
         self.hparams.update(backbone=None, backbone_source=backbone or self.hparams.get("backbone_source"),
-                            config=dataclasses.asdict(self.backbone.config))
+                            config=self.backbone.config.to_dict())
         self.head: Optional[nn.Module] = None
         self.vocab: Optional[AttributeVocab] = AttributeVocab(attributes) if attributes else None
         if self.vocab is not None:

@@ -14,9 +14,14 @@ import torch
 import yaml
 
 from _wandb import metric, offline_runs, read_history
+from m6lit.callbacks.features import load_features
 from m6lit.cli import main
+from m6lit.data.demo import DemoImageText
+from m6lit.data.tasks import image_to_tensor
 from m6lit.model import M6Config
+from m6lit.model.features import multimodal_features
 from m6lit.model.flavors import FLAVORS
+from m6lit.module import M6LitModule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -150,6 +155,18 @@ def test_validate_and_predict_from_pseudo_and_delinked_checkpoints(tmp_path: Pat
     assert len(lines) == 8 and sorted(line["index"] for line in lines) == list(range(8))
     assert sorted(line["origin"] for line in lines) == sorted(f"demo(seed=2)[{i}]" for i in range(8))
     assert all(line["reference"] and len(line["caption"].encode()) <= 6 for line in lines)
+    assert not (tmp_path / "runs_predict" / "features").exists()  # a caption run writes no features
+    run_cli("predict", "--config", str(DEMO), *tiny, "--ckpt_path", str(real), "--model.predict_task", "features",
+            "--model.feature_modality", "image", "--features.shard_size", "3", runs="runs_features")
+    feats, records = load_features(tmp_path / "runs_features" / "features")
+    assert [r["origin"] for r in records] == [f"demo(seed=2)[{i}]" for i in range(8)]
+    assert sorted({r["shard"] for r in records}) == [f"features-0000{i}.safetensors" for i in range(3)]
+    module = M6LitModule.load_from_checkpoint(real, weights_only=True).eval()
+    demo = DemoImageText(8, seed=2, image_size=module.config.image_size)
+    pixels = torch.stack([image_to_tensor(demo[i]["image"], module.config.image_size) for i in range(8)])
+    with torch.no_grad():
+        expected = multimodal_features(module.model, pixel_values=pixels, modality="image")
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
 
 
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))

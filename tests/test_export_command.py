@@ -62,6 +62,12 @@ with torch.no_grad():
     out = model.generate(**left, max_new_tokens=expected_tokens.shape[1], do_sample=False, eos_token_id=None,
                          pad_token_id=tok.pad_token_id)
     result["tokens_equal"] = bool(torch.equal(out[:, left["input_ids"].shape[1]:], expected_tokens))
+    feats = {k[6:]: v for k, v in data.items() if k.startswith("feats.")}
+    inputs = {k: feats.pop(k) for k in ("input_ids", "attention_mask", "pixel_values")}
+    result["features_max_diff"] = {
+        name: float((model.get_multimodal_features(**inputs, modality=name.split("@")[0],
+                                                    pooling=int(name.split("@")[1]) if "@" in name else "mean")
+                     - expected).abs().max()) for name, expected in feats.items()}
 print("RESULT " + json.dumps(result))
 """
 
@@ -91,6 +97,18 @@ def test_export_matches_the_lightning_module_in_a_process_without_m6lit(run: dic
         left_mask[row, 4 - n:] = 1
     data.update({"left.input_ids": left_ids, "left.attention_mask": left_mask,
                  "left.pixel_values": prompts["pixel_values"], "left.tokens": tokens})
+    # the features `m6lit predict` writes (predict_task: features), for each modality and two poolings
+    feature_batch = sample_batch(images=True)
+    ids = feature_batch["input_ids"]
+    data.update({"feats.input_ids": ids, "feats.pixel_values": feature_batch["pixel_values"],
+                 "feats.attention_mask": (ids != 0) & (ids != 1)})  # m6lit reads a text without pad and EOS
+    predict_batch = {"reference_ids": feature_batch["input_ids"], "pixel_values": feature_batch["pixel_values"]}
+    for modality in ("joint", "image", "text"):
+        for pooling in ("mean", -1):
+            module.hparams.update(feature_modality=modality, feature_pooling=pooling)
+            with torch.no_grad():
+                data[f"feats.{modality}" + ("" if pooling == "mean" else f"@{pooling}")] = module.features(
+                    predict_batch)
     save_file({k: v.contiguous() for k, v in data.items()}, tmp_path / "io.safetensors")
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(run["real"]), str(tmp_path / "io.safetensors")],
@@ -104,6 +122,8 @@ def test_export_matches_the_lightning_module_in_a_process_without_m6lit(run: dic
     assert out["image_max_diff"] <= 1e-5 and out["text_max_diff"] <= 1e-5
     assert out["tokens_equal"] is True
     assert out["padding_side"] == "left"
+    assert sorted(out["features_max_diff"]) == sorted(["joint", "joint@-1", "image", "image@-1", "text", "text@-1"])
+    assert max(out["features_max_diff"].values()) <= 1e-6, out["features_max_diff"]
 
 
 _CLIENTS = r"""

@@ -37,6 +37,18 @@ def test_joint_mean_is_the_bidirectional_final_hidden_mean() -> None:
     valid = torch.cat([torch.ones(3, 4, dtype=torch.bool), mask], 1).unsqueeze(-1).float()
     torch.testing.assert_close(feats, (hidden * valid).sum(1) / valid.sum(1), rtol=0, atol=1e-6)
     assert feats.shape == (3, 32) and feats.dtype == torch.float32
+    causal = model(dict(batch, prefix_len=torch.zeros(3, dtype=torch.long)), return_hidden=True).hidden
+    assert float(((causal - hidden) * valid).abs().max()) > 1e-4  # so the check above can tell them apart
+
+
+@torch.no_grad()
+def test_a_row_without_its_image_equals_its_text_alone() -> None:
+    model, batch = _model(), _batch()
+    feats = multimodal_features(model, **batch, image_mask=torch.tensor([True, False, True]))
+    n = int(batch["attention_mask"][1].sum())
+    text = multimodal_features(model, batch["input_ids"][1:2, :n], modality="joint")
+    torch.testing.assert_close(feats[1], text[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats[0], multimodal_features(model, **batch)[0], rtol=0, atol=1e-6)
 
 
 @torch.no_grad()

@@ -165,37 +165,6 @@ def test_cached_forward_errors_name_the_mismatch() -> None:
               cache=cache)
 
 
-# ------------------------------------------------------------------------------------------------ encode
-@torch.no_grad()
-def test_encode_returns_finite_pooled_features_that_ignore_padding() -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    feats = model.encode(prompts)
-    assert feats.shape == (3, 32) and torch.isfinite(feats).all()
-    changed = dict(prompts, input_ids=prompts["input_ids"].clone())
-    changed["input_ids"][1, 2:] = torch.tensor([5, 6, 7])
-    torch.testing.assert_close(model.encode(changed), feats, rtol=0, atol=1e-6)
-    alone = {"input_ids": prompts["input_ids"][1:2, :2], "pixel_values": prompts["pixel_values"][1:2]}
-    torch.testing.assert_close(model.encode(alone)[0], feats[1], rtol=1e-5, atol=1e-6)
-    # definition: the final hidden states with all text as bidirectional prefix, mean over valid positions
-    mask = prompts["attention_mask"]
-    hidden = model(dict(prompts, prefix_len=mask.sum(1)), return_hidden=True).hidden
-    valid = torch.cat([torch.ones(3, 4, dtype=torch.bool), mask], dim=1).unsqueeze(-1).float()
-    torch.testing.assert_close(feats, (hidden * valid).sum(1) / valid.sum(1), rtol=1e-5, atol=1e-6)
-    causal = model(dict(prompts, prefix_len=torch.zeros(3, dtype=torch.long)), return_hidden=True).hidden
-    assert float(((causal - hidden) * valid).abs().max()) > 1e-4  # so the check above can tell them apart
-
-
-@torch.no_grad()
-def test_encode_image_mask_false_equals_text_only() -> None:
-    model = _model()
-    prompts = _prompts(images=True)
-    feats = model.encode(dict(prompts, image_mask=torch.tensor([True, False, True])))
-    text = model.encode({"input_ids": prompts["input_ids"][1:2], "attention_mask": prompts["attention_mask"][1:2]})
-    torch.testing.assert_close(feats[1], text[0], rtol=1e-5, atol=1e-6)
-    assert float((feats[0] - model.encode(prompts)[0]).abs().max()) < 1e-6
-
-
 # ------------------------------------------------------------------------------------------------ accounting
 def test_num_parameters_counts_shared_blocks_once_and_tied_head_once() -> None:
     model = _model(num_layers=4, num_unique_blocks=2, moe_layers=2)

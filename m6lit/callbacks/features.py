@@ -1,5 +1,8 @@
 """FeatureWriter: `m6lit predict` with `model.predict_task: features` writes pooled features to sharded safetensors.
 
+The m6lit CLI adds it to every run (options `--features.*`); predictions without features (captions, images) pass
+it by, and nothing is created then.
+
 Layout of `output_dir` (one set per rank when several ranks predict, prefixed `rank<N>-`):
 
 - `features-00000.safetensors`, ...: one tensor `features` [rows, D] each, at most `shard_size` rows;
@@ -57,6 +60,8 @@ class FeatureWriter(BasePredictionWriter):
         self._pending: list[torch.Tensor] = []
         self._pending_rows: list[dict[str, Any]] = []
         self._next_shard = 0
+        self._indexed_shards: set[str] = set()
+        self._prepared = False
         self.written = 0
         self.skipped_as_done = 0
         self.skipped_as_bad = 0
@@ -73,16 +78,12 @@ class FeatureWriter(BasePredictionWriter):
         folder = Path(self.output_dir)
         if not folder.is_absolute():
             folder = Path(trainer.log_dir or trainer.default_root_dir) / folder
-        folder.mkdir(parents=True, exist_ok=True)
         self._dir = folder
         self._prefix = f"rank{trainer.global_rank}-" if trainer.world_size > 1 else ""
         self._pending, self._pending_rows, self._done = [], [], set()
         self.written = self.skipped_as_done = self.skipped_as_bad = 0
         shards = self._read_index()
-        strays = [*folder.glob(f"{self._prefix}features-*.safetensors"), *folder.glob(f".{self._prefix}features-*.tmp")]
-        for stray in strays:
-            if stray.name not in shards:
-                stray.unlink()
+        self._indexed_shards, self._prepared = shards, False
         self._next_shard = 1 + max((int(name.rsplit("-", 1)[1].split(".")[0]) for name in shards), default=-1)
         if self._done:
             rank_zero_info(f"FeatureWriter: resuming {folder}: {len(self._done)} rows already written")
@@ -113,8 +114,7 @@ class FeatureWriter(BasePredictionWriter):
                            batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
         if not isinstance(prediction, dict) or "features" not in prediction:
-            raise RuntimeError("FeatureWriter needs predict_step to return 'features' (set model.predict_task: "
-                               "features)")
+            return  # not features (captions or images, written by CaptionWriter / ImageWriter)
         features = prediction["features"]
         rows = features.shape[0]
         sources = batch.get("sources") or [{} for _ in range(rows)]
@@ -143,6 +143,14 @@ class FeatureWriter(BasePredictionWriter):
         chunk, rest = stacked[:rows], stacked[rows:]
         records, self._pending_rows = self._pending_rows[:rows], self._pending_rows[rows:]
         self._pending = [rest] if len(rest) else []
+        if not self._prepared:  # first shard of this run: the folder, without an interrupted run's leftovers
+            self._dir.mkdir(parents=True, exist_ok=True)
+            strays = [*self._dir.glob(f"{self._prefix}features-*.safetensors"),
+                      *self._dir.glob(f".{self._prefix}features-*.tmp")]
+            for stray in strays:
+                if stray.name not in self._indexed_shards:
+                    stray.unlink()
+            self._prepared = True
         name = self._shard_name(self._next_shard)
         tmp = self._dir / f".{name}.tmp"
         save_file({"features": chunk.contiguous()}, str(tmp))
@@ -158,6 +166,8 @@ class FeatureWriter(BasePredictionWriter):
         left = sum(len(p) for p in self._pending)
         if left:
             self._flush(left)
+        if not (self.written or self.skipped_as_done):
+            return  # this predict run made no features
         notes = []
         if self.skipped_as_done:
             notes.append(f"{self.skipped_as_done} already in the index")

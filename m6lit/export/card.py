@@ -145,7 +145,8 @@ Hub) and transformers 5 (exported with {transformers_version}). Images go throug
 (`AutoProcessor`: m6lit's resize of the shorter side to {c.image_size}, centre crop, scaling to [-1, 1], and the
 tokenizer); without text it prompts with `caption:`. Prompts are padded on the left and the whole prompt is
 bidirectional context; a final EOS (which the tokenizer appends unless `add_special_tokens=False`) is dropped by
-`generate`.
+`generate`. `model.generate` is transformers' own generate (greedy, sampling, beam search), the same path m6lit uses
+for its captions; a model that also generates images never emits an image id in text.
 
 ```python
 from PIL import Image
@@ -170,6 +171,11 @@ print(processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_spec
   of the folder's code, `trust_remote_code=False` (the tokenizer is transformers' own
   `{tokenizer_class}`). Leaving `trust_remote_code` out makes transformers ask on the terminal, because
   it reads the model's config first.
+- Features for tagging and retrieval: `model.get_multimodal_features(input_ids=..., attention_mask=...,
+  pixel_values=..., modality="joint")` gives one vector of {c.d_model} per sample (`modality="image"` or `"text"`
+  reads one input only; `pooling="mean"` over valid positions, or a position index), the same vectors as
+  `m6lit predict` with `model.predict_task: features` when the text is tokenized with `add_special_tokens=False`
+  (m6lit reads a text without its EOS).
 - `AutoModel` loads the same class; `resize_token_embeddings` grows the embedding and the tied head together.
 - accelerate: `init_empty_weights()` + `load_checkpoint_and_dispatch(model, "{repo_name}", device_map=...)` works
   as is (the head stays tied to the embedding).

@@ -37,14 +37,21 @@ def multimodal_features(model: torch.nn.Module, input_ids: Optional[Tensor] = No
     ``attention_mask``) and/or images (``pixel_values`` [B, C, H, W], ``image_mask`` [B] for rows that have one).
 
     Gradients flow when enabled (fine-tuning); wrap in ``torch.no_grad()`` for extraction.
-    ``modality="image"`` ignores the text, ``"text"`` the image, ``"joint"`` reads both and pools over both. A row
+    ``modality="image"`` ignores the text, ``"text"`` the image, ``"joint"`` reads both and pools over both (a
+    batch without ``pixel_values`` is all text). A row
     with nothing to pool (no image for image features, no text for text features) is an error naming the row.
     """
     check_feature_options(modality, pooling)
-    if modality != "text" and pixel_values is None:
-        raise ValueError(f"{modality} features need pixel_values")
-    if modality != "image" and input_ids is None:
-        raise ValueError(f"{modality} features need input_ids")
+    if modality == "image" and pixel_values is None:
+        raise ValueError("image features need pixel_values")
+    if modality == "text" and input_ids is None:
+        raise ValueError("text features need input_ids")
+    if pixel_values is None and input_ids is None:
+        raise ValueError("joint features need input_ids or pixel_values")
+    if pixel_values is None:
+        modality_in = "text"
+    else:
+        modality_in = modality
     device = next(model.parameters()).device
     if modality == "image" or input_ids is None:
         b = pixel_values.shape[0]
@@ -55,13 +62,13 @@ def multimodal_features(model: torch.nn.Module, input_ids: Optional[Tensor] = No
     attention_mask = attention_mask.bool()
     b = input_ids.shape[0]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "prefix_len": attention_mask.sum(1)}
-    if modality != "text":
+    if modality_in != "text":
         batch["pixel_values"] = pixel_values
         if image_mask is not None:
             batch["image_mask"] = image_mask
     out = model(batch, return_hidden=True, compute_logits=False)
     hidden, p = out.hidden.float(), out.image_len  # [B, P + T, D]: image patches first
-    if modality == "text":
+    if modality_in == "text":
         valid = attention_mask
         hidden = hidden[:, p:]
     else:

@@ -42,6 +42,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import M6Config
 from .image_vocab import ImageVocab, mask_image_ids
+from .features import multimodal_features
 from .m6 import M6Model, left_pad, lm_loss, text_positions
 from .processing import M6ImageProcessor, M6Processor
 
@@ -233,6 +234,16 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
             text_only = TextOnly(ImageVocab.from_config(self.model.config))
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), text_only])
         return super().generate(inputs, generation_config, **kwargs)
+
+    @torch.no_grad()
+    def get_multimodal_features(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                                pixel_values: Tensor | None = None, image_mask: Tensor | None = None,
+                                modality: str = "joint", pooling: str | int = "mean") -> Tensor:
+        """Pooled features [B, D] for tagging and retrieval, the same as m6lit's `predict_task: features`: the
+        whole input is bidirectional context, and the final hidden states of the `modality` ("joint", "image" or
+        "text") are mean-pooled over valid positions (`pooling="mean"`) or taken at one position (an index)."""
+        return multimodal_features(self.model, input_ids, attention_mask, pixel_values, image_mask, modality,
+                                   pooling)
 
     @torch.no_grad()
     def generate_images(self, prompts: list[str], tokenizer: Any, image_tokenizer: Any = None,

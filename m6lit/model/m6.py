@@ -311,21 +311,6 @@ class M6Model(nn.Module):
                         hidden=hidden if return_hidden else None, image_len=image_len)
 
     # ------------------------------------------------------------------ downstream uses
-    def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Pooled multimodal features [B, D] for retrieval/tagging: all text is bidirectional context and the
-        final hidden states are mean-pooled over valid image patches and text tokens."""
-        input_ids = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        x, key_valid, p = self._embed(input_ids, positions, attention_mask, batch.get("pixel_values"),
-                                      batch.get("image_mask"))
-        hidden, _ = self._transformer(x, key_valid, p + attention_mask.sum(1), 0, None)
-        weight = key_valid.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
-
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, unique: bool = True) -> int:
         """Stored parameters (`unique=True`, shared blocks counted once) or the compute-equivalent count of the
