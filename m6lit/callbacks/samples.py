@@ -73,7 +73,16 @@ class CaptionSamples(Callback):
         self._runs += 1
         if (self._runs - 1) % self.every_n_validations:
             return
-        overrides = {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
+        # as many new tokens as asked, but never past max_seq_len: a long prompt (a denoising row) leaves less room
+        config = pl_module.model.config
+        room = (config.max_seq_len - prompts["input_ids"].shape[1]
+                - (config.num_patches if "pixel_values" in prompts else 0))
+        wanted = self.max_new_tokens if self.max_new_tokens is not None else pl_module.hparams.max_new_tokens
+        if room < 1:
+            rank_zero_info(f"CaptionSamples: no room to generate (prompts of {prompts['input_ids'].shape[1]} "
+                           f"tokens fill max_seq_len={config.max_seq_len}); skipped at step {trainer.global_step}")
+            return
+        overrides = {"max_new_tokens": min(wanted, room)}
         with torch.no_grad():
             tokens = pl_module.generate(prompts, **overrides)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
