@@ -8,7 +8,7 @@ accuracies (background, count, kind, colour, size, position, exact) at every val
 
     python benchmarks/demo_captions.py --arms demo en-caption --cores 2 --parallel 8
 
-Writes benchmarks/results/demo_captions.json (stamped) and demo_captions.png (one-shape accuracy against wall time,
+Writes benchmarks/results/demo_captions[-<tag>].json (stamped) and .png (one-shape accuracy against wall time,
 one line per arm and attribute panel).
 """
 
@@ -90,6 +90,15 @@ ARMS: dict[str, str] = {
     **{f"b{bs}-{n}-lr{lr}": _CANDIDATE.replace("BS", str(bs)).replace("LR", str(lr)) + _steps(n, n // 4)
        for bs, n, lr in ((32, 3000, 0.003), (64, 1500, 0.003), (128, 1000, 0.003), (128, 1000, 0.005),
                          (128, 1500, 0.005), (256, 600, 0.006))},
+    **{f"cand-{name}": _CANDIDATE.replace("BS", str(bs)).replace("LR", str(lr)).replace("[1, 3]", moe)
+       .replace("caption: 0.9, denoise: 0.1", mix) + _steps(n, n // 4)
+       for name, bs, n, lr, moe, mix in (
+           ("b128-1200-lr5e-3", 128, 1200, 0.005, "[1, 3]", "caption: 0.9, denoise: 0.1"),
+           ("b128-1200-lr3e-3", 128, 1200, 0.003, "[1, 3]", "caption: 0.9, denoise: 0.1"),
+           ("b128-1600-lr5e-3", 128, 1600, 0.005, "[1, 3]", "caption: 0.9, denoise: 0.1"),
+           ("b64-2000-lr4e-3", 64, 2000, 0.004, "[1, 3]", "caption: 0.9, denoise: 0.1"),
+           ("b128-1200-moe-all", 128, 1200, 0.005, "all", "caption: 0.9, denoise: 0.1"),
+           ("b128-1200-caption-only", 128, 1200, 0.005, "[1, 3]", "caption: 1.0, denoise: 0.0"))},
     "d64-1200": "model: {config: {d_model: 64, n_heads: 4, d_ff: 192, expert_d_ff: 96}}\n" + _steps(1200, 300),
 }
 
@@ -173,6 +182,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2, help="CPU cores per arm (each arm pinned to its own)")
     parser.add_argument("--parallel", type=int, default=1, help="arms run side by side")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--tag", default=None, help="name the outputs demo_captions-<tag>.json / .png")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--arm-timeout", type=float, default=None,
                         help="seconds after which an arm is stopped (its validations so far still count)")
@@ -209,9 +219,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"stamp": stamp(), "cores_per_arm": args.cores, "parallel": args.parallel, "extra": args.extra,
               "goal": "one-shape accuracy >= 0.9 on every attribute", "results": results}
-    (args.out / "demo_captions.json").write_text(json.dumps(record, indent=1))
-    plot(results, args.out / "demo_captions.png")
-    print(f"wrote {args.out / 'demo_captions.json'} and demo_captions.png")
+    stem = "demo_captions" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    plot(results, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json and {stem}.png")
 
 
 if __name__ == "__main__":

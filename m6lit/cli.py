@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -50,6 +50,7 @@ from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.data.sources import BadSampleError
 from m6lit.model.flavors import FLAVORS, flavor_values
 from m6lit.module import M6LitModule
+from m6lit.tagger import AttributeTagger, TaggingDataModule
 from m6lit.tokenizer_module import ImageTokenizerModule
 
 #: `model.config` keys that do not change parameter shapes or their layout: a `--model.config.<key>` given with
@@ -137,6 +138,7 @@ class M6CLI(LightningCLI):
     text budget from the model config)."""
 
     module_class: type[LightningModule] = M6LitModule
+    datamodule_class: type[LightningDataModule] = ImageTextDataModule
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._argv = list(sys.argv[1:] if kwargs.get("args") is None else kwargs["args"])
@@ -152,7 +154,7 @@ class M6CLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {
             "logger": lazy_instance(M6WandbLogger, project="m6lit", save_dir="runs", offline=True),
         })
-        super().__init__(self.module_class, ImageTextDataModule, *args, **kwargs)
+        super().__init__(self.module_class, self.datamodule_class, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
@@ -316,6 +318,25 @@ class TokenizerCLI(M6CLI):
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 
+class TaggerCLI(M6CLI):
+    """The CLI for a config whose `model.class_path` is `m6lit.tagger.AttributeTagger`: attribute tagging on M6
+    features, with `TaggingDataModule` as `data`, m6lit's checkpointing (by `val/loss`), progress bar and W&B."""
+
+    module_class = AttributeTagger
+    datamodule_class = TaggingDataModule
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.dirpath": "checkpoints/tagger", "checkpoint.save_last": True,
+                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False,
+                             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
+        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+
+
 class _SelectorParser(ArgumentParser):
     """A parser that reads the command line's `--config` files (stacked, with their included base recipes),
     `--model` and `--flavor` values the way the CLI does, to learn which LightningModule the config names and which
@@ -401,6 +422,8 @@ def main(args: Optional[list[str]] = None) -> None:
         try:
             if class_path is not None and class_path.split(".")[-1] == ImageTokenizerModule.__name__:
                 TokenizerCLI(args=args)
+            elif class_path is not None and class_path.split(".")[-1] == AttributeTagger.__name__:
+                TaggerCLI(args=args)
             else:
                 M6CLI(args=_strategy_short_name_with_options(argv))
         finally:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from m6lit.model import M6Config
+from m6lit.model import M6Config, M6Model
 from m6lit.tagger import AttributeTagger, TaggingDataModule
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = M6Config(d_model=32, n_heads=2, d_ff=64, num_layers=2, image_size=48, patch_size=16, max_seq_len=64)
 
 
@@ -78,3 +82,27 @@ def test_configuration_errors_are_clear() -> None:
         AttributeTagger(config=CONFIG, head="deep")
     with pytest.raises(ValueError, match="modality='audio'"):
         AttributeTagger(config=CONFIG, modality="audio")
+
+
+def test_the_cli_trains_a_tagger_from_a_checkpoint_backbone_and_logs_per_attribute_metrics(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    backbone = M6Model(CONFIG)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in backbone.state_dict().items()},
+                "hyper_parameters": {"config": CONFIG.to_dict()}}, tmp_path / "demo.ckpt")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "m6lit", "fit", "--config", str(ROOT / "configs" / "tagger-demo.yaml"),
+         "--model.init_args.backbone", str(tmp_path / "demo.ckpt"), "--trainer.max_steps", "4",
+         "--trainer.val_check_interval", "2", "--data.train", '[{"kind": "demo", "num_samples": 64, "max_shapes": 1}]',
+         "--data.val", '[{"kind": "demo", "num_samples": 32, "seed": 1, "max_shapes": 1}]', "--data.batch_size", "16",
+         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv"),
+         "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    for attribute in ("background", "kind", "color", "size", "position"):
+        assert {f"val/tag/{attribute}/{m}" for m in ("exact", "f1", "top1")} <= set(header), header
+    reloaded = AttributeTagger.load_from_checkpoint(tmp_path / "checkpoints" / "tagger" / "last.ckpt")
+    assert reloaded.hparams.backbone_source == str(tmp_path / "demo.ckpt") and reloaded.vocab.size == 25
