@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -151,3 +154,21 @@ def test_bad_writer_options_are_refused() -> None:
         FeatureWriter(shard_size=0)
     with pytest.raises(ValueError, match="dtype='int8'"):
         FeatureWriter(dtype="int8")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on two local processes")
+def test_two_ddp_ranks_write_the_features_one_process_writes(tmp_path: Path) -> None:
+    here = Path(__file__).parent
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "M6LIT_TEST_OUT": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    for devices in (1, 2):
+        proc = subprocess.run([sys.executable, str(here / "scripts" / "ddp_features.py"), str(devices)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "features2").glob("*index.jsonl")) == ["rank0-index.jsonl",
+                                                                                      "rank1-index.jsonl"]
+    one, one_records = load_features(tmp_path / "features1")
+    two, two_records = load_features(tmp_path / "features2")
+    assert len(one_records) == 9 and {r["origin"] for r in two_records} == {r["origin"] for r in one_records}
+    order = {r["origin"]: i for i, r in enumerate(one_records)}
+    torch.testing.assert_close(two, one[[order[r["origin"]] for r in two_records]], rtol=1e-5, atol=1e-6)

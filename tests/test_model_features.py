@@ -108,5 +108,7 @@ def test_bad_options_and_missing_inputs_are_clear_errors() -> None:
         multimodal_features(model, batch["input_ids"], modality="image")
     with pytest.raises(ValueError, match="pooling=5 is outside"):
         multimodal_features(model, **batch, modality="text", pooling=5)
+    with pytest.raises(ValueError, match="4 image patches \\+ 45 text positions exceed max_seq_len=48"):
+        multimodal_features(model, torch.full((1, 45), 5), pixel_values=batch["pixel_values"][:1])
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no image"):
         multimodal_features(model, **batch, image_mask=torch.tensor([True, False, True]), modality="image")

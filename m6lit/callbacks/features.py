@@ -178,15 +178,28 @@ class FeatureWriter(BasePredictionWriter):
 
 
 def load_features(folder: str | os.PathLike, rank: Optional[int] = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """All features of a FeatureWriter folder in index order, with their index records (one rank's with `rank`)."""
+    """Features of a FeatureWriter folder in index order, with their index records: one rank's with `rank`;
+    otherwise the single-process index, or every rank's in rank order with each origin once (a distributed sampler
+    pads the last batches by repeating samples)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    prefix = "" if rank is None else f"rank{rank}-"
-    path = folder / f"{prefix}index.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no FeatureWriter index here")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if rank is not None:
+        paths = [folder / f"rank{rank}-index.jsonl"]
+    elif (folder / "index.jsonl").exists():
+        paths = [folder / "index.jsonl"]
+    else:
+        paths = sorted(folder.glob("rank*-index.jsonl"), key=lambda p: int(p.name[4:].split("-")[0]))
+    if not paths or not all(p.exists() for p in paths):
+        raise FileNotFoundError(f"{folder}: no FeatureWriter index here")
+    records, seen = [], set()
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["origin"] not in seen:
+                    seen.add(record["origin"])
+                    records.append(record)
     shards: dict[str, torch.Tensor] = {}
     rows = []
     for record in records:

@@ -61,6 +61,11 @@ def multimodal_features(model: torch.nn.Module, input_ids: Optional[Tensor] = No
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     attention_mask = attention_mask.bool()
     b = input_ids.shape[0]
+    config = getattr(model, "config", None)
+    patches = config.num_patches if config is not None and modality_in != "text" else 0
+    if config is not None and input_ids.shape[1] + patches > config.max_seq_len:
+        raise ValueError(f"{modality} features: {patches} image patches + {input_ids.shape[1]} text positions exceed "
+                         f"max_seq_len={config.max_seq_len}; shorten the texts")
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "prefix_len": attention_mask.sum(1)}
     if modality_in != "text":
         batch["pixel_values"] = pixel_values
