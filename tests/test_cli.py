@@ -271,7 +271,7 @@ def test_print_config_shows_every_injected_default() -> None:
     assert printed["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     assert printed["checkpoint"]["monitor"] == "val/loss" and printed["checkpoint"]["save_last"] is True
     assert "refresh_rate" in printed["progress_bar"] and printed["predictions"]["output_path"]
-    assert printed["pseudo_to_real"]["delink_step"] == 150
+    assert printed["pseudo_to_real"]["delink_step"] == 600
 
 
 def test_lightning_flags_switch_the_defaults_off_and_fast_dev_run_leaves_no_checkpoint(tmp_path: Path) -> None:
