@@ -16,6 +16,7 @@ Callbacks (`PseudoToReal`, `ExpertSplitMerge`) decide *when* and *what*; this mo
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
@@ -34,7 +35,7 @@ SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 # ---------------------------------------------------------------------------------------------- the ops
-class StructureOp:
+class StructureOp(ABC):
     """What to change, for `apply_structure_change`. A subclass names who asked (`owner`, for messages) and its
     metric namespace (`prefix`), applies the pure op (`apply`), and reports what it did (`metrics`, `details`,
     `summary`, valid after `apply`). One instance describes one change."""
@@ -47,8 +48,9 @@ class StructureOp:
         """Whether `apply` needs the experts' token counts on the current batch."""
         return False
 
+    @abstractmethod
     def apply(self, model: nn.Module, loads: Optional[dict[int, Tensor]]) -> ParamMap:
-        raise NotImplementedError
+        """Run the pure op on `model` and return its ParamMap."""
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Op-specific values logged as `<prefix>/<key>` (after the step, before the parameter counts)."""
@@ -58,9 +60,9 @@ class StructureOp:
         """Extra, non-scalar facts for the callback's history."""
         return {}
 
+    @abstractmethod
     def summary(self) -> tuple[str, str]:
         """(what was done, what changed), for the line '<owner>: <what> at step N: <change>; parameters ...'."""
-        raise NotImplementedError
 
 
 @dataclass
