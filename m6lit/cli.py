@@ -133,6 +133,19 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _add_checkpoint_and_progress(parser: LightningArgumentParser, dirpath: str = "checkpoints",
+                                 monitor: Optional[str] = None) -> None:
+    """The `checkpoint` (`M6ModelCheckpoint`: `last.ckpt` plus `step<N>.ckpt`, the best by `monitor` when given) and
+    `progress_bar` (`M6ProgressBar`) groups every m6lit CLI injects."""
+    parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
+    defaults: dict[str, Any] = {"checkpoint.dirpath": dirpath, "checkpoint.save_last": True,
+                                "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False}
+    if monitor is not None:
+        defaults.update({"checkpoint.monitor": monitor, "checkpoint.mode": "min"})
+    parser.set_defaults(defaults)
+    parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+
+
 class M6CLI(LightningCLI):
     """LightningCLI with m6lit's defaults and argument links (vocab/pad/eos ids from the tokenizer, image size and
     text budget from the model config)."""
@@ -157,11 +170,7 @@ class M6CLI(LightningCLI):
         super().__init__(self.module_class, self.datamodule_class, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
-                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False,
-                             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
-        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+        _add_checkpoint_and_progress(parser, monitor="val/loss")
         parser.add_lightning_class_args(CaptionWriter, "predictions")
         parser.add_lightning_class_args(FeatureWriter, "features")
         parser.add_lightning_class_args(PseudoToReal, "pseudo_to_real")
@@ -311,10 +320,7 @@ class TokenizerCLI(M6CLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True,
-                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
-        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+        _add_checkpoint_and_progress(parser)
         parser.link_arguments("model.init_args.image_size", "data.image_size")
 
 
@@ -330,11 +336,7 @@ class TaggerCLI(M6CLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(M6ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.dirpath": "checkpoints/tagger", "checkpoint.save_last": True,
-                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False,
-                             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min"})
-        parser.add_lightning_class_args(M6ProgressBar, "progress_bar")
+        _add_checkpoint_and_progress(parser, dirpath="checkpoints/tagger", monitor="val/loss")
 
 
 class _SelectorParser(ArgumentParser):
