@@ -5,6 +5,7 @@ each with gradient clipping off and at 1.0:
   a  all resident (Lightning's single-device strategy)
   b  every other block streamed (SelectiveOffloadStrategy, model.blocks.[1,3,...,31]): optimizer_overlap exact,
      backward and delayed (delay_warmup_steps 1), and with clipping also exact with a GPU step window (`--window`)
+     and with the balanced window (`gpu_step_window: auto`)
   c  every block streamed (model.blocks.[0-31]): the same modes
   d  PyTorch FSDP2 fully_shard per block + root with CPUOffloadPolicy(pin_memory=True), world size 1
   e  the >=12B recipe: the model of configs/offload-12b.yaml (if present; else d_model 5120, 38 blocks, ~12.2B),
@@ -13,7 +14,9 @@ each with gradient clipping off and at 1.0:
 Per case: tokens/s, ratio to (a) at the same clipping, MFU (6NT over 989 and over the measured 790 TFLOP/s), the
 time the GPU waited for the host engine (exposed host time), copy stall, PCIe bytes, engine busy time, how often
 clipping scaled the gradients, peak GPU memory, host RSS, pinned bytes, and for (e) the plan's estimates beside the
-measured figures. Writes benchmarks/results/offload_throughput.json (stamped with git revision, torch version and
+measured figures; per case the engine's seconds per kernel phase (upcast, clip, Adam, downcast, ...), and once
+per run a probe of those kernels' rates on the host at the engine's thread count (what bounds the engine). Writes
+benchmarks/results/offload_throughput.json (stamped with git revision, torch version and
 device by this script) and a PNG, and prints a table.
 
     python benchmarks/offload_throughput.py            # everything, one H200 (~7 min)
@@ -39,6 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m6lit.model import M6Config, M6Model, lm_loss
+from m6lit.strategies.host_engine import PHASES, HostEngine
+from m6lit.strategies.sizes import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -199,14 +204,17 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
     if isinstance(strategy, SelectiveOffloadStrategy):
         stats = strategy.step_stats[-len(times):]
         for key in ("h2d_bytes", "d2h_bytes", "stall_s", "host_wait_s", "engine_wait_s", "engine_busy_s",
-                    "refresh_s", "optimizer_s", "fetches"):
+                    "refresh_s", "optimizer_s", "fetches", *(f"engine_{p}_s" for p in PHASES)):
             row[key] = statistics.mean(s.get(key, 0.0) for s in stats)
         row["pcie_bytes"] = row["h2d_bytes"] + row["d2h_bytes"]
         row["redo_units"] = strategy.redo_units
         row["speculated_units"] = strategy.speculated_units
         plan = strategy.plan
-        row["mode"] = strategy.optimizer_overlap + ("+window" if strategy.gpu_step_window else "")
+        w = strategy.gpu_step_window
+        row["mode"] = strategy.optimizer_overlap + (f"+window {format_bytes(w) if isinstance(w, int) else w}"
+                                                     if w else "")
         row["window_units"] = strategy.window_units
+        row["window_params"] = strategy.window_params
         row["offloaded_params"] = plan.estimate.offloaded_params if plan else None
         row["estimated_gpu_bytes"] = plan.estimate.gpu_total if plan else None
         row["estimated_host_bytes"] = plan.estimate.host_total if plan else None
@@ -279,6 +287,68 @@ def fsdp2_case(config: M6Config, batch: int, steps: int, warmup: int, clip: floa
     return row
 
 
+def host_probe(n: int) -> dict:
+    """Rates of the engine's kernels on `n`-element fp32/bf16 tensors, on a thread with the engine's default thread
+    count, as the engine runs them: the bf16 -> fp32 gradient upcast, the clip multiply, the fused AdamW step and the
+    fp32 -> bf16 stream copy (elements per second and the DRAM bytes they move)."""
+    import threading
+
+    from torch.optim.adam import adam
+
+    threads = HostEngine().threads
+    out: dict = {"threads": threads, "elements": n}
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        master, grad, m, v = torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n)
+        low, coef, step = torch.randn(n).bfloat16(), torch.tensor(0.7), torch.zeros(())
+
+        def adamw() -> None:
+            adam([master], [grad], [m], [v], [], [step], foreach=False, capturable=False, differentiable=False,
+                 fused=True, grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True,
+                 amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8, maximize=False)
+
+        kernels = {"upcast": (lambda: grad.copy_(low), 6), "clip": (lambda: grad.mul_(coef), 8),
+                   "adam": (adamw, 28), "downcast": (lambda: low.copy_(master), 6),
+                   "copy_fp32": (lambda: grad.copy_(master), 8)}
+        for name, (fn, nbytes) in kernels.items():
+            fn()
+            t0 = time.perf_counter()
+            reps = 5
+            for _ in range(reps):
+                fn()
+            dt = (time.perf_counter() - t0) / reps
+            out[name] = {"ns_per_element": dt / n * 1e9, "gb_per_s": n * nbytes / dt / 1e9}
+        out["exact_step_ns_per_param"] = sum(out[k]["ns_per_element"] for k in ("upcast", "clip", "adam", "downcast"))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return out
+
+
+def probe_table(probe: dict) -> str:
+    lines = [f"host kernels ({probe['threads']} threads, {probe['elements'] / 1e6:.0f} M elements): "
+             + ", ".join(f"{k} {probe[k]['ns_per_element']:.3f} ns/elem ({probe[k]['gb_per_s']:.0f} GB/s)"
+                         for k in ("upcast", "clip", "adam", "downcast", "copy_fp32")),
+             f"  => one exact step with clipping of a bf16-streamed parameter: {probe['exact_step_ns_per_param']:.3f} "
+             f"ns/param ({1 / probe['exact_step_ns_per_param']:.2f} G params/s)"]
+    return "\n".join(lines)
+
+
+def phase_table(results: dict) -> str:
+    """Where each case's engine time goes (seconds per step) and its rate per offloaded parameter."""
+    lines = [f"{'engine profile (s/step)':<34} {'busy':>6} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'ns/param':>8}"]
+    for name, r in results.items():
+        if not r.get("engine_busy_s"):
+            continue
+        stepped = (r.get("offloaded_params") or 0) - (r.get("window_params") or 0)
+        rate = f"{r['engine_busy_s'] / stepped * 1e9:>8.3f}" if stepped > 0 else f"{'-':>8}"
+        lines.append(f"{name:<34} {r['engine_busy_s']:>6.3f} "
+                     + " ".join(f"{r.get(f'engine_{p}_s', 0.0):>10.3f}" for p in PHASES) + f" {rate}")
+    return "\n".join(lines)
+
+
 LABELS = {"a": "(a) all resident", "b": "(b) every other block streamed", "c": "(c) all blocks streamed",
           "d": "(d) FSDP2 + CPUOffloadPolicy", "e": "(e) >=12B recipe"}
 
@@ -346,7 +416,7 @@ def runs(layers: int, quick: bool) -> list[tuple[str, str | None, float | None]]
     out: list[tuple[str, str | None, float | None]] = [("a", None, None), ("a", None, 1.0), ("e", "exact", 1.0)]
     for clip in (None, 1.0):
         for case in "bc":
-            for mode in ("exact", "backward", "delayed") + (("window",) if clip else ()):
+            for mode in ("exact", "backward", "delayed") + (("window", "window-auto") if clip else ()):
                 out.append((case, mode, clip))
         out.append(("d", None, clip))
     return out
@@ -376,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     started = time.perf_counter()
     meta = stamp()
+    probe = host_probe(1 << 20 if args.quick else 1 << 27)
+    print(probe_table(probe), flush=True)
     todo = [r for r in runs(layers, args.quick) if r[0] in args.only]
     for n, (case, mode, clip) in enumerate(todo):
         name = key(case, mode, clip)
@@ -387,8 +459,9 @@ def main(argv: list[str] | None = None) -> None:
             if case == "a":
                 row = lightning_case(case, config, args.batch, None, args.steps, args.warmup, clip)
             elif case in plans:
-                window = {"optimizer_overlap": "exact", "gpu_step_window": args.window} if mode == "window" else {
-                    "optimizer_overlap": mode, "delay_warmup_steps": 1}
+                window = {"optimizer_overlap": "exact", "gpu_step_window": "auto" if mode == "window-auto" else
+                          args.window} if mode.startswith("window") else {"optimizer_overlap": mode,
+                                                                          "delay_warmup_steps": 1}
                 row = lightning_case(case, config, args.batch, {"offload": plans[case], "prefetch": args.prefetch,
                                                                 **window},
                                      args.steps, args.warmup, clip)
@@ -414,10 +487,12 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "step_times"}, default=str), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**meta, "total_s": time.perf_counter() - started, "cases": results}, indent=1,
-                                  default=str))
+        out.write_text(json.dumps({**meta, "total_s": time.perf_counter() - started, "host_probe": probe,
+                                   "cases": results}, indent=1, default=str))
     plot(results, out.with_suffix(".png"))
     print(table(results))
+    print(phase_table(results))
+    print(probe_table(probe))
     print(f"total {time.perf_counter() - started:.0f} s; results in {out}")
 
 

@@ -14,7 +14,8 @@ from _fakes import fit, tiny_config
 
 from m6lit.module import M6LitModule
 from m6lit.strategies import SelectiveOffloadStrategy
-from m6lit.strategies.host_engine import HostEngine
+from m6lit.strategies.host_engine import PHASES, HostEngine
+from m6lit.strategies.offload import balanced_window
 
 HALF = ["model.blocks.[1-2]"]
 CLIP = 0.5  # the tiny model's gradient norm is ~1.6: every step clips
@@ -122,6 +123,41 @@ def test_gpu_step_window_is_bitwise_identical_to_resident(window, units: int) ->
     assert rec.rows == ref.rows
     assert _same(_state(module), _state(reference))
     assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
+
+
+def test_auto_window_is_sized_after_the_first_step_and_stays_bitwise_identical_to_resident() -> None:
+    reference = _module()
+    ref_trainer, ref = fit(reference, 4, gradient_clip_val=CLIP)
+    strategy = SelectiveOffloadStrategy(offload=HALF, gpu_step_window="auto")
+    module = _module()
+    trainer, rec = fit(module, 4, strategy=strategy, gradient_clip_val=CLIP)
+    assert strategy.step_stats[0]["window_units"] == 0, "the first step measures the engine with no window"
+    assert strategy._window is not None and 0 <= strategy.window_units <= 2
+    assert rec.rows == ref.rows
+    assert _same(_state(module), _state(reference))
+    assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
+
+
+def test_balanced_window_evens_out_the_link_and_the_host_engine() -> None:
+    assert balanced_window([10] * 4, 1.0, 1.0) == 2
+    assert balanced_window([10] * 4, 1.0, 3.0) == 1  # the link is 3x slower: 10 params there vs 30 on the host
+    assert balanced_window([10] * 4, 100.0, 1.0) == 4
+    assert balanced_window([10] * 4, 0.0, 1.0) == 0
+    assert balanced_window([30, 10, 10, 10], 1.0, 1.0) == 1
+    assert balanced_window([], 1.0, 1.0) == 0
+    with pytest.raises(ValueError, match="balanced_window: rates must be positive"):
+        balanced_window([10], 1.0, 0.0)
+
+
+def test_engine_profile_accounts_its_busy_time_by_kernel_phase() -> None:
+    _, _, _, strategy = _offloaded(optimizer_overlap="exact")
+    rows = strategy.step_stats[1:]
+    phases = [f"engine_{p}_s" for p in PHASES]
+    assert all(set(phases) <= row.keys() for row in rows)
+    assert sum(row["engine_adam_s"] for row in rows) > 0 and sum(row["engine_clip_s"] for row in rows) > 0
+    assert sum(row["engine_backup_s"] + row["engine_restore_s"] for row in rows) == 0, "exact mode keeps no backup"
+    total_phases = sum(row[p] for row in rows for p in phases)
+    assert total_phases <= sum(row["engine_busy_s"] for row in strategy.step_stats) + 1e-6
 
 
 def test_backward_mode_without_clipping_keeps_its_speculative_steps() -> None:

@@ -60,6 +60,10 @@ CONFIG_KEYS: dict[str, str] = {
 MODEL_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText")
 
 
+# transformers >= 5.20 names the output's cache `cache`, earlier 5.x releases `past_key_values`
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else \
+    "past_key_values"
+
 class M6HFConfig(PreTrainedConfig):
     """Transformers config of an M6 model: every `M6Config` field as a top-level attribute (validated on creation;
     `top_k` is stored as `num_experts_per_tok`, see `CONFIG_KEYS`), plus the standard aliases (`hidden_size`,
@@ -192,7 +196,8 @@ class M6ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                  "prefix_len": prefix_len, "image_mask": image_mask}
         out = self.model({k: v for k, v in batch.items() if v is not None}, cache=cache)
         loss = lm_loss(out.logits, labels) + out.aux_loss if labels is not None else None
-        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits, cache=cache)
+        result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=out.aux_loss, logits=out.logits,
+                                           **{_CACHE_FIELD: cache})
         return result.to_tuple() if return_dict is False else result
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -26,7 +26,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,7 @@ class HostEngine:
         self._thread: threading.Thread | None = None
         self.busy_s = 0.0
         self.tasks = 0
+        self.phases = PhaseTimes()
 
     def _start(self) -> None:
         if self._thread is None:
@@ -137,9 +139,34 @@ class HostEngine:
                 self._thread = None
 
     def collect(self) -> dict[str, float]:
-        """Busy seconds and task count since the last call (then reset)."""
-        out = {"engine_busy_s": self.busy_s, "engine_tasks": float(self.tasks)}
+        """Busy seconds, task count and seconds per kernel phase (`engine_<phase>_s`) since the last call (then
+        reset)."""
+        out = {"engine_busy_s": self.busy_s, "engine_tasks": float(self.tasks), **self.phases.collect()}
         self.busy_s, self.tasks = 0.0, 0
+        return out
+
+
+PHASES = ("upcast", "clip", "adam", "downcast", "accumulate", "backup", "restore")
+
+
+class PhaseTimes:
+    """Seconds the engine's tasks spend in each kind of kernel (see `PHASES`): the per-task profile behind the
+    engine's busy time. Written by the one worker thread, read between steps."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def collect(self) -> dict[str, float]:
+        out = {f"engine_{k}_s": v for k, v in self.seconds.items()}
+        self.seconds = dict.fromkeys(PHASES, 0.0)
         return out
 
 
@@ -228,9 +255,10 @@ def fused_adam_step(hyper: GroupHyper, items: Sequence[tuple[Tensor, Tensor, dic
 class UnitWork:
     """The host-side kernels of one unit's gradients and step (run on the engine's thread)."""
 
-    def __init__(self, unit: StreamUnit, scratch: Callable[[int], Tensor]) -> None:
+    def __init__(self, unit: StreamUnit, scratch: Callable[[int], Tensor], phases: PhaseTimes | None = None) -> None:
         self.unit = unit
         self.scratch = scratch
+        self.phases = phases if phases is not None else PhaseTimes()
         self.backup: list[tuple[Tensor, Tensor]] = []
 
     def grads(self, g: Any, with_grad: Sequence[bool]) -> list[Tensor | None]:
@@ -240,7 +268,8 @@ class UnitWork:
             flat = g.acc
         elif g.low_precision:
             flat = self.scratch(g.numel)
-            flat.copy_(g.staging)
+            with self.phases.timed("upcast"):
+                flat.copy_(g.staging)
         else:
             flat = g.grad32
         views = g.views(flat)
@@ -252,19 +281,21 @@ class UnitWork:
             if not any(g.got_grad):
                 continue
             src = g.staging if g.low_precision else g.grad32
-            for i, (o, p) in enumerate(zip(g.offsets, g.params)):
-                if not g.got_grad[i]:
-                    continue
-                n = p.numel()
-                if g.acc_has[i]:
-                    g.acc[o:o + n].add_(src[o:o + n])
-                else:
-                    g.acc[o:o + n].copy_(src[o:o + n])
-                g.acc_has[i] = True
-            g.norms = [torch.linalg.vector_norm(v) if has else None
-                       for v, has in zip(g.views(g.acc), g.acc_has)]
+            with self.phases.timed("accumulate"):
+                for i, (o, p) in enumerate(zip(g.offsets, g.params)):
+                    if not g.got_grad[i]:
+                        continue
+                    n = p.numel()
+                    if g.acc_has[i]:
+                        g.acc[o:o + n].add_(src[o:o + n])
+                    else:
+                        g.acc[o:o + n].copy_(src[o:o + n])
+                    g.acc_has[i] = True
+                g.norms = [torch.linalg.vector_norm(v) if has else None
+                           for v, has in zip(g.views(g.acc), g.acc_has)]
             if g.low_precision:
-                g.staging.copy_(g.master)
+                with self.phases.timed("downcast"):
+                    g.staging.copy_(g.master)
             g.staging_valid = True
 
     def _has(self, g: Any) -> list[bool]:
@@ -288,15 +319,18 @@ class UnitWork:
             if hyper is None:
                 continue
             if coef is not None:
-                grad.mul_(coef)
+                with self.phases.timed("clip"):
+                    grad.mul_(coef)
             state = plan.optimizer.state[p]
             by_group.setdefault(id(hyper), (hyper, []))[1].append((master, grad, state))
-        for hyper, items in by_group.values():
-            fused_adam_step(hyper, items)
+        with self.phases.timed("adam"):
+            for hyper, items in by_group.values():
+                fused_adam_step(hyper, items)
 
     def _finish(self, g: Any) -> None:
         if g.low_precision:
-            g.staging.copy_(g.master)
+            with self.phases.timed("downcast"):
+                g.staging.copy_(g.master)
         g.staging_valid = True
         if g.acc is not None:
             g.acc_has = [False] * len(g.params)
@@ -309,7 +343,8 @@ class UnitWork:
             has = self._has(g)
             g.pending_has = has
             if any(has):
-                g.pending.copy_(g.acc if g.acc is not None else g.staging)
+                with self.phases.timed("upcast"):
+                    g.pending.copy_(g.acc if g.acc is not None else g.staging)
             self._finish(g)
 
     def apply(self, plan: StepPlan, coef: Tensor | None) -> None:
@@ -333,8 +368,9 @@ class UnitWork:
                 if not (backup and grad_has and id(p) in plan.hyper):
                     continue
                 state = plan.optimizer.state[p]
-                for t in (master, *state.values()):
-                    self.backup.append((t, t.clone()))
+                with self.phases.timed("backup"):
+                    for t in (master, *state.values()):
+                        self.backup.append((t, t.clone()))
             self._adam(plan, g, self.grads(g, has), None)
 
     def settle(self, plan: StepPlan, coef: Tensor | None) -> bool:
@@ -344,8 +380,9 @@ class UnitWork:
         if redo and not self.backup:
             raise RuntimeError(f"unit {self.unit.name}: clipping scaled the gradients but no backup was kept")
         if redo:
-            for t, saved in self.backup:
-                t.copy_(saved)
+            with self.phases.timed("restore"):
+                for t, saved in self.backup:
+                    t.copy_(saved)
             for g in self.unit.groups:
                 has = self._has(g)
                 if any(has):
@@ -356,5 +393,5 @@ class UnitWork:
         return redo
 
 
-__all__ = ["GroupHyper", "HostEngine", "OVERLAP_MODES", "StepPlan", "Ticket", "UnitWork", "check_adam", "fused_adam_step",
+__all__ = ["GroupHyper", "HostEngine", "OVERLAP_MODES", "PHASES", "PhaseTimes", "StepPlan", "Ticket", "UnitWork", "check_adam", "fused_adam_step",
            "init_state", "wait_event"]

@@ -126,11 +126,14 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             parameters come from weights one update old; resident parameters stay exact; logged as
             `offload/delayed`).
         delay_warmup_steps: exact steps (in each fit) before `delayed` starts delaying.
-        gpu_step_window: device memory (bytes, `8GB`, or `auto`: what the plan leaves of `gpu_memory_budget`) for
-            stepping on the GPU, in `exact` mode, the offloaded units whose gradients arrive last in backward (the
-            first in forward order): their gradients stay on the device, their master and Adam state are copied in
-            from pinned host memory during backward (16 bytes per parameter of window), stepped by the fused CUDA
-            kernel, and copied back. 0 (default): every offloaded unit steps on the host engine.
+        gpu_step_window: device memory (bytes, `8GB`, or `auto`) for stepping on the GPU, in `exact` mode, the
+            offloaded units whose gradients arrive last in backward (the first in forward order): their gradients
+            stay on the device, their master and Adam state are copied in from pinned host memory during backward
+            (16 bytes per parameter of window), stepped by the fused CUDA kernel, and copied back (26 bytes per
+            parameter over the link each step). `auto` sizes it after the first step by balancing the two paths
+            (`balanced_window`: the host engine's measured seconds per parameter against the link's), within what
+            the plan leaves of `gpu_memory_budget` (without a budget: 80 % of the device's free memory). 0
+            (default): every offloaded unit steps on the host engine.
         engine_threads: host threads for the engine's kernels (default: all cores but two).
         engine: `thread` (default) or `inline` (every engine task runs on the main thread; same bits, for debugging).
         micro_batch_tokens: tokens per micro-batch for the budget plan's activation estimate (default: the data
@@ -191,6 +194,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._window_state: dict[int, Any] = {}
         self._window_fixups: dict[int, list[tuple[Any, list[tuple[Tensor, Tensor]]]]] = {}
         self.window_units = 0
+        self.window_params = 0
         self._releases = 0
         self.delayed_steps = 0
         self.engine_threads = engine_threads
@@ -490,7 +494,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
     def _work(self, unit: StreamUnit) -> UnitWork:
         work = self._works.get(id(unit))
         if work is None or work.unit is not unit:
-            work = self._works[id(unit)] = UnitWork(unit, self._scratch_of)
+            phases = self.engine.phases if self.engine is not None else None
+            work = self._works[id(unit)] = UnitWork(unit, self._scratch_of, phases)
         return work
 
     def _scratch_of(self, numel: int) -> Tensor:
@@ -613,25 +618,39 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     work.step(plan, coef)
                 unit.ticket = engine.submit(step)
             unit.d2h_done = None
-        if self.gpu_step_window and self._window is None:
+        if self.gpu_step_window and self._window is None and (self.gpu_step_window != "auto" or self._releases >= 2):
             self._choose_window()
 
     # ------------------------------------------------------------------ GPU step window
     def _window_bytes(self) -> int:
+        """The window's device memory: the configured size, or for `auto` the spare memory it may use."""
         if self.gpu_step_window != "auto":
             return int(self.gpu_step_window)
-        plan = self.plan
-        if plan is None or plan.gpu_memory_budget is None:
-            return 0
-        return max(0, int(plan.gpu_memory_budget - plan.estimate.gpu_total))
+        plan, streamer = self.plan, self.streamer
+        if plan is not None and plan.gpu_memory_budget is not None:
+            return max(0, int(plan.gpu_memory_budget - plan.estimate.gpu_total))
+        if streamer is not None and streamer.cuda:
+            return int(0.8 * torch.cuda.mem_get_info(streamer.device)[0])
+        return 1 << 62  # the CPU path: host memory is the device's
 
     def _choose_window(self) -> None:
-        """The units first in forward order (their gradients arrive last) whose device step fits the window: from
-        the next backward on, their gradients stay on the device."""
+        """The units first in forward order (their gradients arrive last) whose device step fits the window (for
+        `auto`, as many as balance the host engine against the link): from the next backward on, their gradients
+        stay on the device."""
         streamer = self.streamer
-        assert streamer is not None
+        assert streamer is not None and self.engine is not None
+        units = streamer.forward_order()
+        limit = len(units)
+        how = ""
+        if self.gpu_step_window == "auto":
+            stepped = sum(u.numel for u in units)
+            busy = sum(row.get("engine_busy_s", 0.0) for row in self.step_stats) + self.engine.busy_s
+            host_s, link_s = busy / max(stepped, 1), WINDOW_LINK_BYTES / _link_bytes_per_s(streamer)
+            limit = balanced_window([u.numel for u in units], host_s, link_s)
+            how = (f", balanced: host engine {host_s * 1e9:.2f} ns/param (measured at step 1), link "
+                   f"{link_s * 1e9:.2f} ns/param")
         left, chosen = self._window_bytes(), []
-        for unit in streamer.forward_order():
+        for unit in units[:limit]:
             need = 16 * unit.numel
             if need > left:
                 break
@@ -639,9 +658,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             left -= need
         self._window = chosen
         self.window_units = len(chosen)
+        self.window_params = sum(u.numel for u in chosen)
         streamer.device_grad_units = {u.index for u in chosen}
-        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {format_bytes(self._window_bytes())} holds "
-                       f"{len(chosen)} of {len(streamer.units)} offloaded units ({[u.name for u in chosen][:4]}...)")
+        size = format_bytes(16 * sum(u.numel for u in chosen))
+        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {size} holds {len(chosen)} of "
+                       f"{len(units)} offloaded units ({[u.name for u in chosen][:4]}...){how}")
 
     def _pin(self, unit: StreamUnit, tensor: Tensor) -> None:
         from m6lit.strategies.streaming import register_host_memory
@@ -910,6 +931,40 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
+WINDOW_LINK_BYTES = 26  # per window parameter and step: 12 B in (master, Adam state), 14 B out (+ the bf16 copy)
+
+
+def balanced_window(numels: list[int], host_s_per_param: float, link_s_per_param: float) -> int:
+    """How many of the units (in forward order, `numels` parameters each) to step on the GPU so that the link's
+    time for them and the host engine's time for the rest are as equal as they can be (the larger of the two is
+    what the next forward cannot hide)."""
+    if host_s_per_param < 0 or link_s_per_param <= 0:
+        raise ValueError(f"balanced_window: rates must be positive (host {host_s_per_param}, link "
+                         f"{link_s_per_param} s/param)")
+    total, best, best_cost, window = sum(numels), 0, float("inf"), 0
+    for k in range(len(numels) + 1):
+        cost = max(window * link_s_per_param, (total - window) * host_s_per_param)
+        if cost < best_cost:
+            best, best_cost = k, cost
+        if k < len(numels):
+            window += numels[k]
+    return best
+
+
+def _link_bytes_per_s(streamer: ParamStreamer, nbytes: int = 64 << 20) -> float:
+    """Host<->device copy rate, timed once on a pinned buffer (both directions, one sync: at window sizing only)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=streamer.cuda)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=streamer.device)
+    dev.copy_(host, non_blocking=streamer.cuda)  # warm-up
+    start = time.perf_counter()
+    for _ in range(2):
+        dev.copy_(host, non_blocking=streamer.cuda)
+        host.copy_(dev, non_blocking=streamer.cuda)
+    if streamer.cuda:
+        torch.cuda.synchronize(streamer.device)
+    return 4 * nbytes / max(time.perf_counter() - start, 1e-9)
+
+
 @contextmanager
 def _null() -> Iterator[None]:
     yield
@@ -937,4 +992,4 @@ StrategyRegistry.register(SelectiveOffloadStrategy.strategy_name, SelectiveOfflo
                           description="m6lit selective CPU offload: chosen modules in host memory, streamed just in "
                                       "time", override=True)
 
-__all__ = ["SelectiveOffloadStrategy", "state_to_param_devices", "use_fused_adam"]
+__all__ = ["SelectiveOffloadStrategy", "balanced_window", "state_to_param_devices", "use_fused_adam"]
