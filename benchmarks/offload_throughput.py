@@ -215,6 +215,7 @@ def lightning_case(name: str, config: M6Config, batch: int, strategy_kwargs: dic
                                                      if w else "")
         row["window_units"] = strategy.window_units
         row["window_params"] = strategy.window_params
+        row["window_scores"] = dict(strategy.window_scores)
         row["offloaded_params"] = plan.estimate.offloaded_params if plan else None
         row["estimated_gpu_bytes"] = plan.estimate.gpu_total if plan else None
         row["estimated_host_bytes"] = plan.estimate.host_total if plan else None
@@ -411,15 +412,14 @@ def results_device(results: dict) -> str:
 
 
 def runs(layers: int, quick: bool) -> list[tuple[str, str | None, float | None]]:
-    """(case, mode, clip) in the order they run: the baselines, then the 12B recipe (so the time budget never
-    skips it), then the rest."""
-    out: list[tuple[str, str | None, float | None]] = [("a", None, None), ("a", None, 1.0), ("e", "exact", 1.0)]
-    for clip in (None, 1.0):
-        for case in "bc":
-            for mode in ("exact", "backward", "delayed") + (("window", "window-auto") if clip else ()):
-                out.append((case, mode, clip))
-        out.append(("d", None, clip))
-    return out
+    """(case, mode, clip) in the order they run: the baselines, the 12B recipe and the cases the goals compare (so
+    the time budget never skips them), then the rest."""
+    first: list[tuple[str, str | None, float | None]] = [
+        ("a", None, None), ("a", None, 1.0), ("e", "exact", 1.0), ("b", "exact", 1.0), ("b", "window-auto", 1.0),
+        ("c", "exact", 1.0), ("c", "window-auto", 1.0), ("d", None, 1.0)]
+    rest = [(case, mode, clip) for clip in (None, 1.0) for case in "bcd"
+            for mode in ((None,) if case == "d" else ("exact", "backward", "delayed") + (("window",) if clip else ()))]
+    return first + [r for r in rest if r not in first]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--e_budget", default="130GB")
     parser.add_argument("--window", default="60GB", help="gpu_step_window of the (b)/(c) 'window' runs")
     parser.add_argument("--only", default="abcde", help="cases to run (default all)")
+    parser.add_argument("--keys", nargs="+", default=None, help="only these runs, by key (e.g. c:window-auto:clip=1.0)")
+    parser.add_argument("--search_warmup", type=int, default=12,
+                        help="warm-up steps of the window-auto runs (gpu_step_window auto tries 5 sizes, 2 steps each)")
     parser.add_argument("--time_budget", type=float, default=540.0,
                         help="seconds; a case that would start later than this minus 45 s is skipped and recorded")
     parser.add_argument("--out", type=Path, default=None)
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = stamp()
     probe = host_probe(1 << 20 if args.quick else 1 << 27)
     print(probe_table(probe), flush=True)
-    todo = [r for r in runs(layers, args.quick) if r[0] in args.only]
+    todo = [r for r in runs(layers, args.quick) if r[0] in args.only and (args.keys is None or key(*r) in args.keys)]
     for n, (case, mode, clip) in enumerate(todo):
         name = key(case, mode, clip)
         if time.perf_counter() - started > args.time_budget - 45 and not args.quick:
@@ -462,9 +465,10 @@ def main(argv: list[str] | None = None) -> None:
                 window = {"optimizer_overlap": "exact", "gpu_step_window": "auto" if mode == "window-auto" else
                           args.window} if mode.startswith("window") else {"optimizer_overlap": mode,
                                                                           "delay_warmup_steps": 1}
+                warmup = args.search_warmup if mode == "window-auto" else args.warmup
                 row = lightning_case(case, config, args.batch, {"offload": plans[case], "prefetch": args.prefetch,
                                                                 **window},
-                                     args.steps, args.warmup, clip)
+                                     args.steps, warmup, clip)
             elif case == "d":
                 if DEVICE != "cuda":
                     row = {"case": case, "skipped": "FSDP2 + CPUOffloadPolicy needs CUDA"}

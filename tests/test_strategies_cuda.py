@@ -13,6 +13,7 @@ from _fakes import tiny_config
 
 from m6lit.module import M6LitModule
 from m6lit.strategies import SelectiveOffloadStrategy
+from m6lit.strategies.offload import window_trials
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -152,14 +153,17 @@ def test_prefetch_streams_every_block_and_offloads_gradients() -> None:
     assert 0.0 <= stats["stall_s"] <= clock.last_step_s, (stats, clock.last_step_s)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"gpu_step_window": "1GB"}, {"optimizer_overlap": "backward"}])
+@pytest.mark.parametrize("kwargs", [{}, {"gpu_step_window": "1GB"}, {"optimizer_overlap": "backward"},
+                                    {"gpu_step_window": "auto"}])
 def test_exact_engine_with_clipping_matches_resident(kwargs: dict) -> None:
-    """The host engine's exact mode (also with a GPU step window holding every streamed block, and the backward
-    overlap) with clipping that triggers, against all-resident training (fp32: the CPU and CUDA fused AdamW
-    kernels and norms differ in the last bits only)."""
+    """The host engine's exact mode (also with a GPU step window holding every streamed block, with the window
+    `auto` searches — it grows and shrinks mid-run —, and the backward overlap) with clipping that triggers, against
+    all-resident training (fp32: the CPU and CUDA fused AdamW kernels and norms differ in the last bits only)."""
+    steps = 2 * len(window_trials(2)) + 3 if kwargs.get("gpu_step_window") == "auto" else STEPS
+
     def run(strategy):
         module = _module(moe_layers="none")
-        trainer = L.Trainer(max_steps=STEPS, accelerator="gpu", devices=1, precision="32-true", logger=False,
+        trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, precision="32-true", logger=False,
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                             gradient_clip_val=0.05, **({"strategy": strategy} if strategy is not None else {}))
         from _fakes import LossRecorder, loader
@@ -172,9 +176,13 @@ def test_exact_engine_with_clipping_matches_resident(kwargs: dict) -> None:
 
     ref_losses, ref_params = run(None)
     strategy = SelectiveOffloadStrategy(offload=HALF, **kwargs)
+    if kwargs.get("gpu_step_window") == "auto":
+        strategy.window_score = lambda row: abs(row["window_units"] - 1)  # grow to 2, then shrink to 1
     losses, params = run(strategy)
-    if "gpu_step_window" in kwargs:
+    if kwargs.get("gpu_step_window") == "1GB":
         assert strategy.window_units == 2
+    if kwargs.get("gpu_step_window") == "auto":
+        assert [row["window_units"] for row in strategy.step_stats] == [0, 0, 1, 1, 2, 2, 1, 1, 1]
     coefs = [row["clip_coef"] for row in strategy.step_stats[1:]]
     print(f"losses {losses} vs {ref_losses}; clip coefficients {coefs}; max |param diff| "
           f"{_max_diff(params, ref_params):.3g}")

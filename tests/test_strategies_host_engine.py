@@ -15,7 +15,7 @@ from _fakes import fit, tiny_config
 from m6lit.module import M6LitModule
 from m6lit.strategies import SelectiveOffloadStrategy
 from m6lit.strategies.host_engine import PHASES, HostEngine
-from m6lit.strategies.offload import balanced_window
+from m6lit.strategies.offload import gpu_wait, window_trials
 
 HALF = ["model.blocks.[1-2]"]
 CLIP = 0.5  # the tiny model's gradient norm is ~1.6: every step clips
@@ -125,28 +125,25 @@ def test_gpu_step_window_is_bitwise_identical_to_resident(window, units: int) ->
     assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
 
 
-def test_auto_window_is_sized_after_the_first_step_and_stays_bitwise_identical_to_resident() -> None:
+def test_auto_window_tries_each_size_keeps_the_best_and_stays_bitwise_identical_to_resident() -> None:
+    steps = 2 * len(window_trials(2)) + 3
     reference = _module()
-    ref_trainer, ref = fit(reference, 4, gradient_clip_val=CLIP)
+    ref_trainer, ref = fit(reference, steps, gradient_clip_val=CLIP)
     strategy = SelectiveOffloadStrategy(offload=HALF, gpu_step_window="auto")
+    strategy.window_score = lambda row: abs(row["window_units"] - 1)  # the middle size wins: grow, then shrink
     module = _module()
-    trainer, rec = fit(module, 4, strategy=strategy, gradient_clip_val=CLIP)
-    assert strategy.step_stats[0]["window_units"] == 0, "the first step measures the engine with no window"
-    assert strategy._window is not None and 0 <= strategy.window_units <= 2
+    trainer, rec = fit(module, steps, strategy=strategy, gradient_clip_val=CLIP)
+    assert [row["window_units"] for row in strategy.step_stats] == [0, 0, 1, 1, 2, 2, 1, 1, 1]
+    assert strategy.window_scores == {0: 1, 1: 0, 2: 1} and strategy.window_units == 1
     assert rec.rows == ref.rows
     assert _same(_state(module), _state(reference))
     assert _same(_optimizer_state(trainer), _optimizer_state(ref_trainer))
 
 
-def test_balanced_window_evens_out_the_link_and_the_host_engine() -> None:
-    assert balanced_window([10] * 4, 1.0, 1.0) == 2
-    assert balanced_window([10] * 4, 1.0, 3.0) == 1  # the link is 3x slower: 10 params there vs 30 on the host
-    assert balanced_window([10] * 4, 100.0, 1.0) == 4
-    assert balanced_window([10] * 4, 0.0, 1.0) == 0
-    assert balanced_window([30, 10, 10, 10], 1.0, 1.0) == 1
-    assert balanced_window([], 1.0, 1.0) == 0
-    with pytest.raises(ValueError, match="balanced_window: rates must be positive"):
-        balanced_window([10], 1.0, 0.0)
+def test_window_trials_and_the_wait_they_are_scored_by() -> None:
+    assert window_trials(16) == [0, 4, 8, 12, 16]
+    assert window_trials(2) == [0, 1, 2] and window_trials(1) == [0, 1] and window_trials(0) == [0]
+    assert gpu_wait({"engine_wait_s": 0.25, "stall_s": 0.5, "h2d_bytes": 9.0}) == 0.75
 
 
 def test_engine_profile_accounts_its_busy_time_by_kernel_phase() -> None:

@@ -130,8 +130,9 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             offloaded units whose gradients arrive last in backward (the first in forward order): their gradients
             stay on the device, their master and Adam state are copied in from pinned host memory during backward
             (16 bytes per parameter of window), stepped by the fused CUDA kernel, and copied back (26 bytes per
-            parameter over the link each step). `auto` sizes it after the first step by balancing the two paths
-            (`balanced_window`: the host engine's measured seconds per parameter against the link's), within what
+            parameter over the link each step). `auto` measures it: the first steps try the window sizes of
+            `window_trials` (none, a quarter, half, three quarters, all of the streamed units, two steps each), score
+            each by the time the GPU then waited for the host engine and the copies, and keep the best, within what
             the plan leaves of `gpu_memory_budget` (without a budget: 80 % of the device's free memory). 0
             (default): every offloaded unit steps on the host engine.
         engine_threads: host threads for the engine's kernels (default: all cores but two).
@@ -195,6 +196,11 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self._window_fixups: dict[int, list[tuple[Any, list[tuple[Tensor, Tensor]]]]] = {}
         self.window_units = 0
         self.window_params = 0
+        self.window_scores: dict[int, float] = {}
+        self.window_score: Callable[[dict[str, float]], float] = gpu_wait
+        self._window_trials: list[int] | None = None
+        self._window_choice: int | None = None
+        self._trial_steps = 0
         self._releases = 0
         self.delayed_steps = 0
         self.engine_threads = engine_threads
@@ -364,6 +370,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.drain()
         self._works.clear()
         self._window = None
+        self._window_trials, self._window_choice, self.window_scores = None, None, {}
         self._window_state.clear()
         if self.streamer is not None:
             self.streamer.device_grad_units = set()
@@ -618,7 +625,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
                     work.step(plan, coef)
                 unit.ticket = engine.submit(step)
             unit.d2h_done = None
-        if self.gpu_step_window and self._window is None and (self.gpu_step_window != "auto" or self._releases >= 2):
+        if self.gpu_step_window and self.gpu_step_window != "auto" and self._window is None:
             self._choose_window()
 
     # ------------------------------------------------------------------ GPU step window
@@ -633,36 +640,58 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             return int(0.8 * torch.cuda.mem_get_info(streamer.device)[0])
         return 1 << 62  # the CPU path: host memory is the device's
 
-    def _choose_window(self) -> None:
-        """The units first in forward order (their gradients arrive last) whose device step fits the window (for
-        `auto`, as many as balance the host engine against the link): from the next backward on, their gradients
-        stay on the device."""
+    def _choose_window(self, units_limit: int | None = None) -> None:
+        """The units first in forward order (their gradients arrive last) whose device step fits the window (at most
+        `units_limit` of them): from the next backward on, their gradients stay on the device. Units that leave the
+        window wait here for their last copy back (one host sync, only when the window changes)."""
         streamer = self.streamer
-        assert streamer is not None and self.engine is not None
+        assert streamer is not None
         units = streamer.forward_order()
-        limit = len(units)
-        how = ""
-        if self.gpu_step_window == "auto":
-            stepped = sum(u.numel for u in units)
-            busy = sum(row.get("engine_busy_s", 0.0) for row in self.step_stats) + self.engine.busy_s
-            host_s, link_s = busy / max(stepped, 1), WINDOW_LINK_BYTES / _link_bytes_per_s(streamer)
-            limit = balanced_window([u.numel for u in units], host_s, link_s)
-            how = (f", balanced: host engine {host_s * 1e9:.2f} ns/param (measured at step 1), link "
-                   f"{link_s * 1e9:.2f} ns/param")
         left, chosen = self._window_bytes(), []
-        for unit in units[:limit]:
+        for unit in units[:units_limit]:
             need = 16 * unit.numel
             if need > left:
                 break
             chosen.append(unit)
             left -= need
+        kept = {id(u) for u in chosen}
+        for unit in self._window or []:
+            if id(unit) not in kept:
+                if streamer.cuda and unit.gpu_done is not None:
+                    unit.gpu_done.synchronize()
+                self._apply_window_fixups(unit)
         self._window = chosen
         self.window_units = len(chosen)
         self.window_params = sum(u.numel for u in chosen)
         streamer.device_grad_units = {u.index for u in chosen}
-        size = format_bytes(16 * sum(u.numel for u in chosen))
-        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {size} holds {len(chosen)} of "
-                       f"{len(units)} offloaded units ({[u.name for u in chosen][:4]}...){how}")
+        rank_zero_info(f"SelectiveOffloadStrategy: GPU step window of {format_bytes(16 * self.window_params)} holds "
+                       f"{len(chosen)} of {len(units)} offloaded units ({[u.name for u in chosen][:4]}...)")
+
+    def _search_window(self, row: dict[str, float]) -> None:
+        """`gpu_step_window: auto`: after each trial's second step, score it by the GPU's wait in that step (engine
+        wait + copy stall), start the next trial, and after the last keep the best (fewest units on ties)."""
+        streamer = self.streamer
+        assert streamer is not None
+        if self._window_trials is None:
+            self._window_trials = window_trials(len(streamer.units))
+            self._trial_steps = 0
+        self._trial_steps += 1
+        if self._trial_steps < WINDOW_TRIAL_STEPS or self._window_choice is not None:
+            return
+        self._trial_steps = 0
+        self.window_scores[self.window_units] = self.window_score(row)
+        todo = [k for k in self._window_trials if k not in self.window_scores]
+        if todo:
+            self._choose_window(todo[0])
+            if self.window_units in self.window_scores:  # capped by memory: nothing new to try
+                self._window_trials = [k for k in self._window_trials if k <= self.window_units]
+            return
+        best = min(sorted(self.window_scores), key=lambda k: self.window_scores[k])
+        self._window_choice = best
+        self._choose_window(best)
+        table = ", ".join(f"{k}: {v:.3f} s" for k, v in sorted(self.window_scores.items()))
+        rank_zero_info(f"SelectiveOffloadStrategy: gpu_step_window auto keeps {best} units (GPU wait per step by "
+                       f"window units: {table})")
 
     def _pin(self, unit: StreamUnit, tensor: Tensor) -> None:
         from m6lit.strategies.streaming import register_host_memory
@@ -849,6 +878,8 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
             if ready is None or ready.query():
                 row["clip_coef"] = float(coef)
         self.step_stats = [*self.step_stats[-999:], row]
+        if self.gpu_step_window == "auto" and self.engine is not None and self._accumulate == 1:
+            self._search_window(row)
         module = self.lightning_module
         trainer = getattr(module, "_trainer", None)
         if trainer is None or not trainer.loggers:
@@ -931,38 +962,18 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
-WINDOW_LINK_BYTES = 26  # per window parameter and step: 12 B in (master, Adam state), 14 B out (+ the bf16 copy)
+WINDOW_TRIAL_STEPS = 2  # a window set after step t is paid in step t+1's backward and step t+2's forward
 
 
-def balanced_window(numels: list[int], host_s_per_param: float, link_s_per_param: float) -> int:
-    """How many of the units (in forward order, `numels` parameters each) to step on the GPU so that the link's
-    time for them and the host engine's time for the rest are as equal as they can be (the larger of the two is
-    what the next forward cannot hide)."""
-    if host_s_per_param < 0 or link_s_per_param <= 0:
-        raise ValueError(f"balanced_window: rates must be positive (host {host_s_per_param}, link "
-                         f"{link_s_per_param} s/param)")
-    total, best, best_cost, window = sum(numels), 0, float("inf"), 0
-    for k in range(len(numels) + 1):
-        cost = max(window * link_s_per_param, (total - window) * host_s_per_param)
-        if cost < best_cost:
-            best, best_cost = k, cost
-        if k < len(numels):
-            window += numels[k]
-    return best
+def window_trials(units: int) -> list[int]:
+    """The window sizes (in units, first in forward order) that `gpu_step_window: auto` tries: none, a quarter,
+    half, three quarters and all of the streamed units."""
+    return sorted({0, units // 4, units // 2, (3 * units) // 4, units})
 
 
-def _link_bytes_per_s(streamer: ParamStreamer, nbytes: int = 64 << 20) -> float:
-    """Host<->device copy rate, timed once on a pinned buffer (both directions, one sync: at window sizing only)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=streamer.cuda)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=streamer.device)
-    dev.copy_(host, non_blocking=streamer.cuda)  # warm-up
-    start = time.perf_counter()
-    for _ in range(2):
-        dev.copy_(host, non_blocking=streamer.cuda)
-        host.copy_(dev, non_blocking=streamer.cuda)
-    if streamer.cuda:
-        torch.cuda.synchronize(streamer.device)
-    return 4 * nbytes / max(time.perf_counter() - start, 1e-9)
+def gpu_wait(row: dict[str, float]) -> float:
+    """The seconds of a step in which the GPU waited for the host: for the engine's updates and for copies."""
+    return row.get("engine_wait_s", 0.0) + row.get("stall_s", 0.0)
 
 
 @contextmanager
@@ -992,4 +1003,4 @@ StrategyRegistry.register(SelectiveOffloadStrategy.strategy_name, SelectiveOfflo
                           description="m6lit selective CPU offload: chosen modules in host memory, streamed just in "
                                       "time", override=True)
 
-__all__ = ["SelectiveOffloadStrategy", "balanced_window", "state_to_param_devices", "use_fused_adam"]
+__all__ = ["SelectiveOffloadStrategy", "gpu_wait", "window_trials", "state_to_param_devices", "use_fused_adam"]
