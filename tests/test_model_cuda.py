@@ -301,7 +301,7 @@ def test_non_finite_loss_still_stops_on_cuda() -> None:
     data = DataLoader(rows, batch_size=4, collate_fn=lambda r: {k: torch.stack([x[k] for x in r]) for k in r[0]})
     trainer = L.Trainer(max_steps=4, accelerator="cuda", devices=1, precision="bf16-mixed", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=1)
+                        log_every_n_steps=1, callbacks=[_Poison()])
     with pytest.raises(FloatingPointError, match="non-finite training loss .* at global step 2"):
         trainer.fit(module, data)
 
