@@ -4,7 +4,7 @@ and, at the end, the full model state (run by tests/test_strategies_parallel.py)
 Environment: M6LIT_TEST_OUT (output folder), M6LIT_STRATEGY (fsdp | ep), M6LIT_STEPS, optional M6LIT_CKPT (resume
 from), M6LIT_CKPT_DIR (checkpoint every step there), M6LIT_CONFIG (json overrides of the tiny config),
 M6LIT_FSDP (json FSDP2Strategy arguments), M6LIT_ACCELERATOR (default cpu), M6LIT_DELINK_STEP (add
-PseudoToReal).
+PseudoToReal), M6LIT_EXPERTS (json ExpertSplitMerge arguments).
 """
 
 import json
@@ -35,6 +35,10 @@ def main() -> None:
         from m6lit.callbacks import PseudoToReal
 
         callbacks.append(PseudoToReal(delink_step=int(env["M6LIT_DELINK_STEP"])))
+    if env.get("M6LIT_EXPERTS"):
+        from m6lit.callbacks import ExpertSplitMerge
+
+        callbacks.append(ExpertSplitMerge(**json.loads(env["M6LIT_EXPERTS"])))
     if env.get("M6LIT_CKPT_DIR"):
         callbacks.append(ModelCheckpoint(dirpath=env["M6LIT_CKPT_DIR"], every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))
