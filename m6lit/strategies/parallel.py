@@ -39,7 +39,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from m6lit.model.expert_parallel import ExpertParallel, expert_slice, gather_expert_tensor, moe_layers, shard_experts
+from m6lit.model.expert_parallel import (EXPERT_PARAMS, ExpertParallel, expert_slice, gather_expert_tensor, moe_layers,
+                                         shard_experts)
 from m6lit.strategies.patterns import resolve_offload
 
 EXPERT_OPS = ("split", "merge", "segment")
