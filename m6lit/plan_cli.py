@@ -23,6 +23,8 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.cli import M6CLI, _strategy_short_name_with_options
 from m6lit.model import M6Model
 from m6lit.strategies.offload import SelectiveOffloadStrategy
+from m6lit.strategies.parallel_estimate import parallel_table
+from m6lit.strategies.patterns import resolve_offload
 from m6lit.strategies.planner import plan_offload
 from m6lit.strategies.sizes import format_bytes, format_count, parse_bytes
 
@@ -37,6 +39,10 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "micro_batch_tokens": (Optional[int], None, "default: data.batch_size * model.config.max_seq_len"),
     "prefetch": (Optional[int], None, "blocks streamed ahead; default: the config's strategy setting"),
     "optimizer_state_bytes": (int, 8, "8 for AdamW fp32 moments"),
+    "gpus": (Optional[int], None, "add the many-GPU table for this many ranks: per-rank memory and step time of ddp, "
+             "m6_offload_ddp, m6_fsdp (± CPU offload of the offloaded units) and m6_ep, and the fewest GPUs each "
+             "needs for the GPU budget"),
+    "ep": (Optional[int], None, "expert-parallel size of m6_ep in that table (default: all GPUs)"),
 }
 
 
@@ -117,6 +123,7 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
                                 host_memory_budget=None, num_gpus=num_gpus)
         except ValueError as err:
             print(f"no plan: {err}")
+            _print_parallel(root, options, budget, None, precision, tokens, trainer)
             continue
         plan.host_memory_budget = host_budget
         print(plan.table())
@@ -127,8 +134,31 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
         if plan.host_memory_budget and plan.estimate.host_total > plan.host_memory_budget:
             print(f"WARNING: host memory per GPU {format_bytes(plan.estimate.host_total)} exceeds host_memory_budget "
                   f"{format_bytes(plan.host_memory_budget)}")
+        _print_parallel(root, options, budget, plan.offload, precision, tokens, trainer)
         print()
     sys.stdout.flush()
+
+
+def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offload: Optional[list[str]],
+                    precision: str, tokens: int, trainer: Trainer) -> None:
+    """The many-GPU table (`--gpus`): the offloaded units are the plan's, or, without a plan, every block but the
+    first and the last (the offload planner's resident minimum)."""
+    gpus = options.get("gpus")
+    if not gpus:
+        return
+    blocks = len(root.model.blocks)
+    if not offload:
+        offload = [f"model.blocks.[1-{blocks - 2}]"] if blocks > 2 else []
+    accumulate = int(trainer.accumulate_grad_batches or 1)
+    units = resolve_offload(root, offload) if offload else []
+    shown = ", ".join(units) if len(units) <= 3 else f"{len(units)} units ({units[0]} ... {units[-1]})"
+    print(f"many GPUs: {gpus} GPUs, {tokens} tokens per micro-batch per GPU x {accumulate}; offloaded units "
+          f"{shown or 'none'}; assumed 400 TFLOP/s, 50 GB/s per GPU for collectives, 55 GB/s PCIe, 4.26 G params/s "
+          f"host AdamW")
+    print(parallel_table(root, gpus, ep=options.get("ep"), offload=offload,
+                         gpu_budget=parse_bytes(budget) if budget is not None else None, precision=precision,
+                         micro_batch_tokens=tokens, accumulate_grad_batches=accumulate,
+                         optimizer_state_bytes=options["optimizer_state_bytes"]))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -81,6 +81,20 @@ def test_fsdp2_two_ranks_match_one_process(fsdp_run) -> None:
     assert ranks[0]["state"].keys() == state.keys()
 
 
+def test_fsdp2_plan_matches_the_bytes_each_rank_holds(fsdp_run) -> None:
+    """`m6lit plan`'s m6_fsdp estimate of parameter + optimizer-state bytes per rank against what each rank of the
+    2-rank run holds: the mean exactly (FSDP2 shards every tensor over the ranks), each rank within 10% (dim-0
+    chunks of odd-sized tensors are uneven)."""
+    from m6lit.strategies.parallel_estimate import parallel_estimate
+
+    _, ranks = fsdp_run
+    est = parallel_estimate(M6LitModule(tiny_config()), "m6_fsdp", 2, precision="32-true", micro_batch_tokens=48)
+    held = [r["param_bytes"] + r["state_bytes"] for r in ranks]
+    assert sum(held) / 2 == est.state_bytes
+    for value in held:
+        assert abs(value - est.state_bytes) <= 0.1 * est.state_bytes
+
+
 def test_fsdp2_distributed_checkpoint_resumes_exactly_across_a_delink(fsdp_run, tmp_path: Path) -> None:
     out, ranks = fsdp_run
     folder = out / "ckpt" / "step=2.ckpt"
@@ -194,6 +208,11 @@ def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: P
             torch.testing.assert_close(value, state[name], rtol=0, atol=1e-6, msg=name)
     experts = ckpt["state_dict"]["model.blocks.1.ffn.experts.w_gate"]
     assert experts.shape[0] == 4  # all experts, not one rank's slice
+    # `m6lit plan`'s m6_ep estimate (dense replicated, experts halved) is exactly what each rank holds
+    from m6lit.strategies.parallel_estimate import parallel_estimate
+
+    est = parallel_estimate(M6LitModule(tiny_config()), "m6_ep", 2, precision="32-true", micro_batch_tokens=48)
+    assert [r["param_bytes"] + r["state_bytes"] for r in ranks] == [est.state_bytes] * 2
     moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()
                if s["exp_avg"].shape == experts.shape]
     assert moments and all(m.abs().sum() > 0 for m in moments)

@@ -47,6 +47,7 @@ def main() -> None:
                         enable_checkpointing=bool(env.get("M6LIT_CKPT_DIR")), deterministic=True,
                         use_distributed_sampler=False, callbacks=callbacks)
     trainer.fit(module, rank_loader(int(env.get("LOCAL_RANK", 0)), 2), ckpt_path=env.get("M6LIT_CKPT") or None)
+    param_bytes, state_bytes = _local_bytes(module, trainer.strategy.optimizers)
     state = trainer.strategy.lightning_module_state_dict()
     if kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -54,7 +55,22 @@ def main() -> None:
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                       broadcast_from_rank0=False))
     torch.save({"losses": recorder.rows, "state": {k: v.detach().clone() for k, v in state.items()},
-                "blocks": len(module.model.blocks)}, out / f"rank{trainer.global_rank}.pt")
+                "blocks": len(module.model.blocks), "param_bytes": param_bytes, "state_bytes": state_bytes},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+def _local_bytes(module: torch.nn.Module, optimizers: list) -> tuple[int, int]:
+    """Bytes this rank holds in parameters and in optimizer-state tensors (shards only; Adam's scalar step
+    excluded)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = sum(local(p).numel() * local(p).element_size() for p in module.parameters())
+    state = sum(local(v).numel() * local(v).element_size() for opt in optimizers for entry in opt.state.values()
+                for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return params, state
 
 
 if __name__ == "__main__":
