@@ -1,0 +1,76 @@
+"""Per-rank estimates of the many-GPU strategies: the sharding arithmetic of each strategy (exact, on the tiny
+model), the step-time terms follow the stated rates, bad sizes are clear errors, and the fewest-GPU search."""
+
+from __future__ import annotations
+
+import pytest
+from _fakes import tiny_config
+
+from m6lit.module import M6LitModule
+from m6lit.strategies.parallel_estimate import STRATEGIES, min_gpus, parallel_estimate, parallel_table
+
+KW = dict(precision="32-true", micro_batch_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def module() -> M6LitModule:
+    return M6LitModule(tiny_config())
+
+
+def _counts(module: M6LitModule) -> tuple[int, int]:
+    experts = sum(p.numel() for n, p in module.named_parameters() if ".experts." in n)
+    return sum(p.numel() for p in module.parameters()), experts
+
+
+def test_sharding_arithmetic_per_strategy(module: M6LitModule) -> None:
+    total, experts = _counts(module)
+    assert experts > 0
+    assert parallel_estimate(module, "ddp", 4, **KW).state_bytes == 12 * total  # fp32 weight + AdamW m, v
+    for n in (1, 2, 4):
+        assert parallel_estimate(module, "m6_fsdp", n, **KW).state_bytes == 12 * total / n
+    ep = parallel_estimate(module, "m6_ep", 4, ep=2, **KW)
+    assert ep.state_bytes == 12 * (total - experts + experts / 2) and ep.ep == 2
+    # FSDP2 CPU offload moves the named units' shards to the host; the GPU keeps the rest
+    off = parallel_estimate(module, "m6_fsdp+offload", 2, offload=["model.blocks.[1-2]"], **KW)
+    blocks = sum(p.numel() for n, p in module.named_parameters() if n.startswith(("model.blocks.1.",
+                                                                                  "model.blocks.2.")))
+    assert off.host["parameters (fp32 shards)"] == 4 * blocks / 2
+    assert off.gpu["parameters (fp32 shards)"] == 4 * (total - blocks) / 2
+    assert off.state_bytes == 12 * total / 2
+
+
+def test_step_time_terms_follow_the_rates(module: M6LitModule) -> None:
+    total, _ = _counts(module)
+    slow = parallel_estimate(module, "ddp", 8, link_bytes_per_s=1e9, **KW)
+    fast = parallel_estimate(module, "ddp", 8, link_bytes_per_s=2e9, **KW)
+    assert slow.times["gradient all-reduce"] == pytest.approx(2 * 7 / 8 * 4 * total / 1e9)
+    assert fast.times["gradient all-reduce"] == pytest.approx(slow.times["gradient all-reduce"] / 2)
+    assert parallel_estimate(module, "ddp", 1, **KW).times["gradient all-reduce"] == 0
+    low, high = slow.step_range
+    assert low == max(slow.times.values()) and high == pytest.approx(sum(slow.times.values()))
+    ckpt = parallel_estimate(module, "m6_fsdp", 2, activation_checkpointing=True, **KW)
+    assert ckpt.times["compute"] == pytest.approx(parallel_estimate(module, "m6_fsdp", 2, **KW).times["compute"]
+                                                  * 8 / 6)
+    offload = parallel_estimate(module, "m6_offload_ddp", 2, offload=["model.blocks.1"], **KW)
+    assert offload.times["PCIe"] > 0 and offload.times["host AdamW"] > 0 and offload.host
+
+
+def test_bad_sizes_are_clear_errors(module: M6LitModule) -> None:
+    with pytest.raises(ValueError, match=r"strategy='zero3': choose one of"):
+        parallel_estimate(module, "zero3", 2)
+    with pytest.raises(ValueError, match=r"ep=3: the expert-parallel size must divide the number of GPUs \(4\)"):
+        parallel_estimate(module, "m6_ep", 4, ep=3)
+    with pytest.raises(ValueError, match=r"ep=8: does not divide the expert count\(s\) \[4\]"):
+        parallel_estimate(module, "m6_ep", 8)
+    assert "m6_ep" in parallel_table(module, 8, **KW) and "no estimate: ep=8" in parallel_table(module, 8, **KW)
+
+
+def test_min_gpus(module: M6LitModule) -> None:
+    one = parallel_estimate(module, "m6_fsdp", 1, **KW).gpu_total
+    four = parallel_estimate(module, "m6_fsdp", 4, **KW).gpu_total
+    assert min_gpus(module, "m6_fsdp", one, **KW) == 1
+    need = min_gpus(module, "m6_fsdp", (one + four) / 2, **KW)
+    assert need in (2, 4) and parallel_estimate(module, "m6_fsdp", need, **KW).gpu_total <= (one + four) / 2
+    assert min_gpus(module, "ddp", one / 2, **KW) is None  # a replica per rank: more ranks never help
+    assert min_gpus(module, "m6_ep", 1.0, **KW) is None  # stops where the ranks no longer divide the experts
+    assert set(STRATEGIES) >= {"ddp", "m6_offload_ddp", "m6_fsdp", "m6_ep"}
