@@ -13,12 +13,17 @@ over the `expert` dimension of a DeviceMesh (`expert_data` × `expert`): dense p
 DDP, expert gradients are summed over the `expert_data` dimension only (never all-reduced with the dense ones), and
 checkpoints hold the full experts, so a resume at another expert-parallel size re-shards them.
 
-Structural changes: both take a delink through `on_parameters_changed` where they can (expert parallel: the clones
-keep their expert slices and DDP is rebuilt); what they cannot apply mid-run (FSDP2: any change to sharded blocks,
-because `fully_shard` swaps parameters for DTensor shards and forbids copying the module; expert parallel: expert
-split/merge/segment, which index the full expert dimension) is refused at setup when a callback schedules it, and at
-the step otherwise — never a silently stale wrapper. Such changes go through a checkpoint: make the change under a
-single device or DDP, then resume here (the checkpoint's structure is rebuilt before sharding).
+Structural changes mid-run go through `m6lit.structure.apply_structure_change`, which calls
+`before_parameters_change(model, op)` before the pure op and `on_parameters_changed(param_map)` after the optimizer
+rewrite. FSDP2: the blocks the op replaces are gathered into plain blocks built from the config holding the full
+tensors (on the host), with the optimizer pointing at them and holding their full state; afterwards every plain
+block is sharded again (same mesh, mixed precision, activation checkpointing, offload patterns resolved against the
+new structure), its optimizer state moved to the matching DTensor shards, and the root FSDP state re-runs its lazy
+initialisation to register the new units. A block whose FSDP unit no longer manages its parameters is an error,
+never a stale wrapper. Expert parallel: a delink keeps each clone's expert slice and rebuilds DDP; an expert op
+gathers the changed layers' experts (and their optimizer state) first and re-shards them for the new count after,
+or fails before changing anything when the expert-parallel size does not divide that count (checked at setup for
+an `ExpertSplitMerge` schedule too).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ every term overlapped (the largest) to none overlapped (the sum).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
