@@ -196,7 +196,7 @@ def apply_structure_change(trainer: Trainer, module: LightningModule, op: Struct
     if log_loss or op.needs_loads:
         before = measure(module, batch)
         loss_before, loads = before.loss, before.loads
-        if op.needs_loads and trainer.world_size > 1:  # every rank merges on the same (global) loads
+        if op.needs_loads and getattr(trainer, "world_size", 1) > 1:  # every rank merges on the same (global) loads
             loads = {k: trainer.strategy.reduce(v.clone(), reduce_op="sum") for k, v in loads.items()}
     prepare_strategy(trainer, model, op)
     param_map = op.apply(model, loads)

@@ -73,7 +73,10 @@ def check_scheduled_expert_counts(trainer: Any, model: nn.Module, done_step: int
         shapes = {layer: config.expert_shape(block) for layer, block in enumerate(model.layer_to_block)}
         for i, event in enumerate(cb.events):
             for layer in [layer for runs in moe_blocks_of(model, event.layers).values() for layer in runs]:
-                shapes[layer] = shapes[layer].after(event.op, event.factor, config.router, event.how)
+                try:
+                    shapes[layer] = shapes[layer].after(event.op, event.factor, config.router, event.how)
+                except ValueError:
+                    return  # an invalid entry: the callback names it at fit start
                 if event.step > done_step and shapes[layer].num_experts % expert_parallel_size:
                     raise ValueError(f"ExpertSplitMerge.schedule[{i}] ({event.op} x{event.factor} at step "
                                      f"{event.step}) leaves layer {layer} with {shapes[layer].num_experts} experts, "
@@ -517,7 +520,8 @@ def _shard_like(param: torch.Tensor) -> Any:
         if tuple(mine.shape) != tuple(local.shape):
             raise RuntimeError(f"FSDP2 re-shard: optimizer state chunk {tuple(mine.shape)} does not match the "
                                f"parameter shard {tuple(local.shape)}")
-        return DTensor.from_local(mine.to(local.device).clone(), mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
+        return DTensor.from_local(mine.to(local.device).clone(), mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
 
     return shard
 
