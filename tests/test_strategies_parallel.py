@@ -132,15 +132,18 @@ def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
         assert torch.equal(value, ranks[0]["state"][f"model.{name}"]), name
 
 
+FSDP_OPTIONS = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
 SPLIT_AT_3 = {"schedule": [{"step": 3, "op": "split", "factor": 2, "layers": "all"}]}
 
 
 @pytest.fixture(scope="module")
 def fsdp_change_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """2 shared blocks delinked to 4 after step 2, every MoE block's experts split 4 → 8 after step 3."""
+    """2 shared blocks delinked to 4 after step 2, every MoE block's experts split 4 → 8 after step 3; activation
+    checkpointing on, offload patterns given (resolved again after each change; a no-op on a CPU run)."""
     out = tmp_path_factory.mktemp("fsdp_change")
     return out, _run(out, "fsdp", 5, M6LIT_CKPT_DIR=str(out / "ckpt"), M6LIT_DELINK_STEP="2",
-                     M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+                     M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+                     M6LIT_FSDP=json.dumps(FSDP_OPTIONS))
 
 
 def test_fsdp2_delink_and_expert_split_mid_run_match_one_process(fsdp_change_run) -> None:
@@ -149,6 +152,7 @@ def test_fsdp2_delink_and_expert_split_mid_run_match_one_process(fsdp_change_run
                                callbacks=(PseudoToReal(delink_step=2), ExpertSplitMerge(**SPLIT_AT_3)))
     for rank, result in enumerate(ranks):
         assert result["blocks"] == 4
+        assert result["units"] == [[True, True]] * 4  # every new block is an FSDP unit with its checkpointing
         got = torch.tensor([loss for _, loss in result["losses"]])
         torch.testing.assert_close(got, torch.tensor(losses[rank::2]), rtol=0, atol=1e-5)
         for name, value in result["state"].items():
@@ -175,6 +179,48 @@ def test_fsdp2_checkpoint_after_a_delink_and_split_resumes_exactly(fsdp_change_r
         assert resumed[rank]["losses"] == ranks[rank]["losses"][3:]
         for name, value in resumed[rank]["state"].items():
             assert torch.equal(value, ranks[rank]["state"][name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 CPU offload on two GPUs")
+def test_fsdp2_changes_with_cpu_offload_on_two_gpus_match_the_cpu_run(fsdp_change_run, tmp_path: Path) -> None:
+    # the offloaded blocks ([1-2]) after the delink and the split are other parameters than before: re-resolved
+    _, cpu = fsdp_change_run
+    gpu = _run(tmp_path, "fsdp", 5, M6LIT_ACCELERATOR="gpu", M6LIT_DELINK_STEP="2",
+               M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+               M6LIT_FSDP=json.dumps(FSDP_OPTIONS))
+    for rank in (0, 1):
+        got = torch.tensor([loss for _, loss in gpu[rank]["losses"]])
+        torch.testing.assert_close(got, torch.tensor([loss for _, loss in cpu[rank]["losses"]]), rtol=0, atol=1e-4)
+
+
+def _check_stale_units_are_refused(rank: int, world: int) -> None:
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for bypass in ("replace a parameter", "delink without gathering"):
+        torch.manual_seed(0)
+        module = M6LitModule(tiny_config(num_unique_blocks=2))
+        mesh = init_device_mesh("cpu", (world,))
+        for block in module.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module.model, mesh=mesh)
+        strategy = FSDP2Strategy()
+        strategy._lightning_module = module
+        if bypass == "replace a parameter":
+            module.model.blocks[1].attn_norm.weight = nn.Parameter(torch.ones(32))
+            match = r"blocks\.1 is an FSDP unit whose parameters were replaced without gathering it first"
+        else:
+            delink(module.model, 4)
+            match = r"blocks\.0 holds DTensor shards outside an FSDP unit"
+        with pytest.raises(RuntimeError, match=rf"FSDP2Strategy cannot apply .*: {match}"):
+            strategy.on_parameters_changed(None)
+
+
+def test_fsdp2_refuses_a_change_that_bypassed_the_gather() -> None:
+    from _dist import spawn
+
+    spawn(_check_stale_units_are_refused, 2)
 
 
 def test_expert_parallel_split_and_merge_mid_run_match_one_process(tmp_path: Path) -> None:

@@ -263,17 +263,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         from m6lit.structure import describe_change
         from torch.distributed.fsdp import FSDPModule
 
+        what = describe_change(param_map) if param_map is not None else "a structural change"
         module = self.lightning_module
         root = _sharded_root(module, type(self).__name__)
         for index, block in enumerate(root.blocks):
             if isinstance(block, FSDPModule):
                 if not _manages_its_parameters(block):
-                    raise RuntimeError(f"{type(self).__name__} cannot apply {describe_change(param_map)}: "
+                    raise RuntimeError(f"{type(self).__name__} cannot apply {what}: "
                                        f"blocks.{index} is an FSDP unit whose parameters were replaced without "
                                        f"gathering it first (apply structural changes through "
                                        f"m6lit.structure.apply_structure_change)")
             elif any(_is_dtensor(p) for p in block.parameters()):
-                raise RuntimeError(f"{type(self).__name__} cannot apply {describe_change(param_map)}: blocks.{index} "
+                raise RuntimeError(f"{type(self).__name__} cannot apply {what}: blocks.{index} "
                                    f"holds DTensor shards outside an FSDP unit (its source was not gathered)")
         plain = [i for i, b in enumerate(root.blocks) if not isinstance(b, FSDPModule)]
         offload = self._resolve_offload(module)
@@ -286,8 +287,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 swaps[id(p)] = (p, after[pname], _shard_like(after[pname]))
         _swap_optimizer_params(self.optimizers, swaps)
         _reset_lazy_init(root)
-        rank_zero_info(f"{type(self).__name__}: re-sharded blocks {plain} after {describe_change(param_map)}; CPU "
+        rank_zero_info(f"{type(self).__name__}: re-sharded blocks {plain} after {what}; CPU "
                        f"offload {offload or 'none'}")
+
 
 class ExpertParallelStrategy(DDPStrategy):
     """DDP for dense parameters + experts sharded over the `expert` dimension of a DeviceMesh.

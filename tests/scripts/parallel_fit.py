@@ -55,8 +55,17 @@ def main() -> None:
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                       broadcast_from_rank0=False))
     torch.save({"losses": recorder.rows, "state": {k: v.detach().clone() for k, v in state.items()},
-                "blocks": len(module.model.blocks), "param_bytes": param_bytes, "state_bytes": state_bytes},
+                "blocks": len(module.model.blocks), "param_bytes": param_bytes, "state_bytes": state_bytes,
+                "units": _units(module)},
                out / f"rank{trainer.global_rank}.pt")
+
+
+def _units(module: torch.nn.Module) -> list[list[bool]]:
+    """Per block: [is an FSDP unit, has activation checkpointing]."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import FSDPModule
+
+    return [[isinstance(b, FSDPModule), checkpoint.state(b) is not None] for b in module.model.blocks]
 
 
 def _local_bytes(module: torch.nn.Module, optimizers: list) -> tuple[int, int]:
