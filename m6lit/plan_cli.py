@@ -23,7 +23,7 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.cli import M6CLI, _strategy_short_name_with_options
 from m6lit.model import M6Model
 from m6lit.strategies.offload import SelectiveOffloadStrategy
-from m6lit.strategies.parallel_estimate import parallel_table
+from m6lit.strategies.parallel_estimate import parallel_table, plan_offload_ddp
 from m6lit.strategies.patterns import resolve_offload
 from m6lit.strategies.planner import plan_offload
 from m6lit.strategies.sizes import format_bytes, format_count, parse_bytes
@@ -123,7 +123,7 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
                                 host_memory_budget=None, num_gpus=num_gpus)
         except ValueError as err:
             print(f"no plan: {err}")
-            _print_parallel(root, options, budget, None, precision, tokens, trainer)
+            _print_parallel(root, options, budget, None, precision, tokens, trainer, explicit=offload is not None)
             continue
         plan.host_memory_budget = host_budget
         print(plan.table())
@@ -134,15 +134,17 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
         if plan.host_memory_budget and plan.estimate.host_total > plan.host_memory_budget:
             print(f"WARNING: host memory per GPU {format_bytes(plan.estimate.host_total)} exceeds host_memory_budget "
                   f"{format_bytes(plan.host_memory_budget)}")
-        _print_parallel(root, options, budget, plan.offload, precision, tokens, trainer)
+        _print_parallel(root, options, budget, plan.offload, precision, tokens, trainer,
+                        explicit=offload is not None)
         print()
     sys.stdout.flush()
 
 
 def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offload: Optional[list[str]],
-                    precision: str, tokens: int, trainer: Trainer) -> None:
-    """The many-GPU table (`--gpus`): the offloaded units are the plan's, or, without a plan, every block but the
-    first and the last (the offload planner's resident minimum)."""
+                    precision: str, tokens: int, trainer: Trainer, explicit: bool) -> None:
+    """The many-GPU table (`--gpus`). Offloaded units: the patterns given, else for `m6_offload_ddp` what the
+    offload planner streams of one full replica for the GPU budget (all-reduce buffers included), and for `m6_fsdp+offload` the plan's units or,
+    without a plan, every block but the first and the last (the planner's resident minimum)."""
     gpus = options.get("gpus")
     if not gpus:
         return
@@ -150,15 +152,26 @@ def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offlo
     if not offload:
         offload = [f"model.blocks.[1-{blocks - 2}]"] if blocks > 2 else []
     accumulate = int(trainer.accumulate_grad_batches or 1)
-    units = resolve_offload(root, offload) if offload else []
-    shown = ", ".join(units) if len(units) <= 3 else f"{len(units)} units ({units[0]} ... {units[-1]})"
+    common = dict(precision=precision, micro_batch_tokens=tokens, accumulate_grad_batches=accumulate,
+                  optimizer_state_bytes=options["optimizer_state_bytes"])
+    replica = offload
+    if not explicit and budget is not None:
+        try:  # each DDP rank streams its own full replica: plan it for the budget with no experts split
+            replica = plan_offload_ddp(root, parse_bytes(budget), gpus, **common)
+        except ValueError:
+            replica = offload
     print(f"many GPUs: {gpus} GPUs, {tokens} tokens per micro-batch per GPU x {accumulate}; offloaded units "
-          f"{shown or 'none'}; assumed 400 TFLOP/s, 50 GB/s per GPU for collectives, 55 GB/s PCIe, 4.26 G params/s "
-          f"host AdamW")
-    print(parallel_table(root, gpus, ep=options.get("ep"), offload=offload,
-                         gpu_budget=parse_bytes(budget) if budget is not None else None, precision=precision,
-                         micro_batch_tokens=tokens, accumulate_grad_batches=accumulate,
-                         optimizer_state_bytes=options["optimizer_state_bytes"]))
+          f"{_units_text(root, offload)} (m6_offload_ddp: {_units_text(root, replica)}); assumed 400 TFLOP/s, "
+          f"50 GB/s per GPU for collectives, 55 GB/s PCIe, 4.26 G params/s host AdamW")
+    print(parallel_table(root, gpus, ep=options.get("ep"), offload=offload, offload_ddp=replica,
+                         gpu_budget=parse_bytes(budget) if budget is not None else None, **common))
+
+
+def _units_text(root: nn.Module, patterns: list[str]) -> str:
+    units = resolve_offload(root, patterns) if patterns else []
+    if not units:
+        return "none"
+    return ", ".join(units) if len(units) <= 3 else f"{len(units)} units ({units[0]} ... {units[-1]})"
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -74,3 +74,23 @@ def test_min_gpus(module: M6LitModule) -> None:
     assert min_gpus(module, "ddp", one / 2, **KW) is None  # a replica per rank: more ranks never help
     assert min_gpus(module, "m6_ep", 1.0, **KW) is None  # stops where the ranks no longer divide the experts
     assert set(STRATEGIES) >= {"ddp", "m6_offload_ddp", "m6_fsdp", "m6_ep"}
+
+
+def test_offload_ddp_plan_leaves_room_for_the_all_reduce_buffers() -> None:
+    from m6lit.strategies.parallel_estimate import plan_offload_ddp
+    from m6lit.strategies.planner import plan_offload
+
+    module = M6LitModule(tiny_config(num_layers=8, num_unique_blocks=8))
+    kw = dict(KW, reserve_bytes=0)
+    full = parallel_estimate(module, "ddp", 2, **kw).gpu_total
+    budget = 0.75 * full
+    # the single-device choice for this budget overflows once DDP's buffers are added ...
+    single = plan_offload(module, gpu_memory_budget=int(budget), num_gpus=1, **kw).offload
+    assert parallel_estimate(module, "m6_offload_ddp", 2, offload=single, **kw).gpu_total > budget
+    # ... the DDP plan streams more units and fits
+    units = plan_offload_ddp(module, budget, 2, **kw)
+    assert len(units) > len(single)
+    assert parallel_estimate(module, "m6_offload_ddp", 2, offload=units, **kw).gpu_total <= budget
+    assert plan_offload_ddp(module, 2 * full, 2, **kw) == []
+    with pytest.raises(ValueError, match="too small even for the resident minimum"):
+        plan_offload_ddp(module, 0.3 * full, 2, **kw)

@@ -191,6 +191,28 @@ def _names(root: nn.Module, offload: Sequence[str]) -> list[str]:
     return resolve_offload(root, list(offload)) if offload else []
 
 
+def plan_offload_ddp(root: nn.Module, gpu_budget: float, gpus: int, **kwargs: Any) -> list[str]:
+    """The units `m6_offload_ddp` streams so that a rank's estimate, all-reduce buffers included, fits
+    `gpu_budget`: the single-device offload planner's choice for the budget less what the buffers add (a few
+    rounds, since the buffers shrink as more units stream). Raises ValueError when no choice fits."""
+    from m6lit.strategies.planner import plan_offload
+
+    keys = ("precision", "micro_batch_tokens", "prefetch", "optimizer_state_bytes", "accumulate_grad_batches",
+            "reserve_bytes")
+    planner = {k: v for k, v in kwargs.items() if k in keys}
+    budget = float(gpu_budget)
+    total = 0.0
+    for _ in range(8):
+        plan = plan_offload(root, gpu_memory_budget=max(int(budget), 1), num_gpus=1, **planner)
+        total = parallel_estimate(root, "m6_offload_ddp", gpus, offload=plan.offload, **kwargs).gpu_total
+        if total <= gpu_budget:
+            return plan.offload
+        overhead = total - plan.estimate.gpu_total
+        budget = min(budget - (total - gpu_budget), gpu_budget - overhead)
+    raise ValueError(f"m6_offload_ddp: no offload choice fits {gpu_budget:.0f} bytes per GPU with its all-reduce "
+                     f"buffers (the last needed {total:.0f})")
+
+
 def min_gpus(root: nn.Module, strategy: str, gpu_budget: float, *, limit: int = 2**20,
              **kwargs: Any) -> Optional[int]:
     """The fewest GPUs (a power of two, up to `limit`) on which `strategy`'s per-rank GPU estimate fits
@@ -212,10 +234,10 @@ def min_gpus(root: nn.Module, strategy: str, gpu_budget: float, *, limit: int = 
 
 
 def parallel_table(root: nn.Module, gpus: int, *, ep: Optional[int] = None, offload: Sequence[str] = (),
-                   gpu_budget: Optional[float] = None, strategies: Sequence[str] = STRATEGIES,
-                   **kwargs: Any) -> str:
+                   offload_ddp: Optional[Sequence[str]] = None, gpu_budget: Optional[float] = None,
+                   strategies: Sequence[str] = STRATEGIES, **kwargs: Any) -> str:
     """One line per strategy: GPU and host bytes per rank, step-time terms and range, whether it fits the budget,
-    and the fewest GPUs it needs for it."""
+    and the fewest GPUs it needs for it. `offload_ddp`: the units `m6_offload_ddp` streams (default `offload`)."""
     from m6lit.strategies.sizes import format_bytes
 
     lines = [f"{'strategy':<17} {'GPU/rank':>10} {'host/rank':>10} {'compute':>8} {'comm':>8} {'PCIe':>8} "
@@ -223,15 +245,16 @@ def parallel_table(root: nn.Module, gpus: int, *, ep: Optional[int] = None, offl
     for strategy in strategies:
         if strategy == "m6_fsdp+offload" and not offload:
             continue
+        units = offload_ddp if strategy == "m6_offload_ddp" and offload_ddp is not None else offload
         try:
-            est = parallel_estimate(root, strategy, gpus, ep=ep, offload=offload, **kwargs)
+            est = parallel_estimate(root, strategy, gpus, ep=ep, offload=units, **kwargs)
         except ValueError as err:
             lines.append(f"{strategy:<17} no estimate: {err}")
             continue
         comm = sum(v for k, v in est.times.items() if k not in ("compute", "PCIe", "host AdamW"))
         low, high = est.step_range
         fits = "-" if gpu_budget is None else ("yes" if est.gpu_total <= gpu_budget else "no")
-        need = "-" if gpu_budget is None else min_gpus(root, strategy, gpu_budget, offload=offload, **kwargs)
+        need = "-" if gpu_budget is None else min_gpus(root, strategy, gpu_budget, offload=units, **kwargs)
         name = f"{strategy} (ep {est.ep})" if strategy == "m6_ep" else strategy
         lines.append(f"{name:<17} {format_bytes(est.gpu_total):>10} {_fb(est.host_total):>10} "
                      f"{est.times.get('compute', 0):>8.3f} {comm:>8.3f} {est.times.get('PCIe', 0):>8.3f} "
@@ -247,4 +270,4 @@ def _fb(n: float) -> str:
 
 
 __all__ = ["ASSUMED_FLOPS", "LINK_BYTES_PER_S", "STRATEGIES", "ParallelEstimate", "min_gpus", "parallel_estimate",
-           "parallel_table"]
+           "parallel_table", "plan_offload_ddp"]
