@@ -23,7 +23,7 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.cli import M6CLI, _strategy_short_name_with_options
 from m6lit.model import M6Model
 from m6lit.strategies.offload import SelectiveOffloadStrategy
-from m6lit.strategies.parallel_estimate import parallel_table, plan_offload_ddp
+from m6lit.strategies.parallel_estimate import min_gpus_experts_offloaded, parallel_table, plan_offload_ddp
 from m6lit.strategies.patterns import resolve_offload
 from m6lit.strategies.planner import plan_offload
 from m6lit.strategies.sizes import format_bytes, format_count, parse_bytes
@@ -165,6 +165,20 @@ def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offlo
           f"50 GB/s per GPU for collectives, 55 GB/s PCIe, 4.26 G params/s host AdamW")
     print(parallel_table(root, gpus, ep=options.get("ep"), offload=offload, offload_ddp=replica,
                          gpu_budget=parse_bytes(budget) if budget is not None else None, **common))
+    if budget is None or not any(getattr(m, "num_experts", 0) for m in root.model.blocks.modules()):
+        return
+    host = options.get("host_memory_budget")
+    found = min_gpus_experts_offloaded(root, parse_bytes(budget), parse_bytes(host) if host else None, **common)
+    what = ("experts split over N GPUs + offload of what does not fit (the offload planner; no m6lit strategy "
+            "combines expert parallelism with offload yet)")
+    if found is None:
+        print(f"{what}: fits on no power-of-two number of GPUs")
+    else:
+        n, plan = found
+        print(f"{what}: fits {format_bytes(parse_bytes(budget))} per GPU from {n} GPUs"
+              + (f" with host memory <= {format_bytes(parse_bytes(host))} per GPU" if host else "")
+              + f" ({format_bytes(plan.estimate.gpu_total)} GPU, {format_bytes(plan.estimate.host_total)} host per "
+              f"GPU there)")
 
 
 def _units_text(root: nn.Module, patterns: list[str]) -> str:

@@ -94,3 +94,21 @@ def test_offload_ddp_plan_leaves_room_for_the_all_reduce_buffers() -> None:
     assert plan_offload_ddp(module, 2 * full, 2, **kw) == []
     with pytest.raises(ValueError, match="too small even for the resident minimum"):
         plan_offload_ddp(module, 0.3 * full, 2, **kw)
+
+
+def test_fewest_gpus_for_experts_split_and_offloaded() -> None:
+    from m6lit.strategies.parallel_estimate import min_gpus_experts_offloaded
+    from m6lit.strategies.planner import plan_offload
+
+    module = M6LitModule(tiny_config(num_layers=8, num_unique_blocks=8, num_experts=16))
+    kw = dict(KW, reserve_bytes=0)
+    resident = plan_offload(module, gpu_memory_budget=10**12, num_gpus=1, **kw).estimate.gpu_total
+    n, plan = min_gpus_experts_offloaded(module, resident, **kw)
+    assert n == 1 and plan.offload == []
+    n, plan = min_gpus_experts_offloaded(module, 0.6 * resident, **kw)
+    assert plan.estimate.gpu_total <= 0.6 * resident and plan.num_gpus == n
+    # a host budget below what that plan offloads needs more GPUs (fewer experts per GPU to hold)
+    tight = 0.5 * plan.estimate.host_total
+    more, fitted = min_gpus_experts_offloaded(module, 0.6 * resident, tight, **kw)
+    assert more > n and fitted.estimate.host_total <= tight
+    assert min_gpus_experts_offloaded(module, 1.0, limit=64, **kw) is None

@@ -213,6 +213,26 @@ def plan_offload_ddp(root: nn.Module, gpu_budget: float, gpus: int, **kwargs: An
                      f"buffers (the last needed {total:.0f})")
 
 
+def min_gpus_experts_offloaded(root: nn.Module, gpu_budget: float, host_budget: Optional[float] = None, *,
+                               limit: int = 2**20, **kwargs: Any) -> Optional[tuple[int, Any]]:
+    """The fewest GPUs (a power of two) over which the experts can be split with the offload planner's placement
+    fitting `gpu_budget` (and `host_budget` per GPU, when given) — the single-device offload plan with
+    `num_gpus` = N, i.e. expert parallelism combined with offload, which no m6lit strategy implements yet — with
+    that plan, or None."""
+    from m6lit.strategies.planner import plan_offload
+
+    n = 1
+    while n <= limit:
+        try:
+            plan = plan_offload(root, gpu_memory_budget=int(gpu_budget), num_gpus=n, **kwargs)
+        except ValueError:
+            plan = None
+        if plan is not None and (host_budget is None or plan.estimate.host_total <= host_budget):
+            return n, plan
+        n *= 2
+    return None
+
+
 def min_gpus(root: nn.Module, strategy: str, gpu_budget: float, *, limit: int = 2**20,
              **kwargs: Any) -> Optional[int]:
     """The fewest GPUs (a power of two, up to `limit`) on which `strategy`'s per-rank GPU estimate fits
@@ -270,4 +290,4 @@ def _fb(n: float) -> str:
 
 
 __all__ = ["ASSUMED_FLOPS", "LINK_BYTES_PER_S", "STRATEGIES", "ParallelEstimate", "min_gpus", "parallel_estimate",
-           "parallel_table", "plan_offload_ddp"]
+           "min_gpus_experts_offloaded", "parallel_table", "plan_offload_ddp"]
