@@ -142,9 +142,10 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
 
 def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offload: Optional[list[str]],
                     precision: str, tokens: int, trainer: Trainer, explicit: bool) -> None:
-    """The many-GPU table (`--gpus`). Offloaded units: the patterns given, else for `m6_offload_ddp` what the
-    offload planner streams of one full replica for the GPU budget (all-reduce buffers included), and for `m6_fsdp+offload` the plan's units or,
-    without a plan, every block but the first and the last (the planner's resident minimum)."""
+    """The many-GPU table (`--gpus`), then the fewest GPUs for experts split and offloaded. Offloaded units: the
+    patterns given, else for `m6_offload_ddp` what the offload planner streams of one full replica for the GPU
+    budget (all-reduce buffers included), and for `m6_fsdp+offload` the plan's units or, without a plan, every
+    block but the first and the last (the planner's resident minimum)."""
     gpus = options.get("gpus")
     if not gpus:
         return
