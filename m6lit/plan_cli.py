@@ -6,7 +6,8 @@ The config is parsed and instantiated by the same LightningCLI as `m6lit fit` (s
 base recipes, `--model.config.*` options, the tokenizer's linked vocabulary), with the module built on the meta
 device, so nothing is allocated. Budgets, patterns and prefetch come from the config's
 `SelectiveOffloadStrategy` unless given here; with an active `PseudoToReal` callback both stages are planned: the
-shared (pseudo) model and the delinked (real) one.
+shared (pseudo) model and the delinked (real) one. `--gpus N [--ep E]` adds, per stage, the per-rank memory and
+step time of the many-GPU strategies (`m6lit.strategies.parallel_estimate`).
 """
 
 from __future__ import annotations

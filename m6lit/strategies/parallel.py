@@ -577,13 +577,23 @@ def _reshard_all(root: nn.Module) -> None:
 
 def _reset_lazy_init(root: nn.Module) -> None:
     """Make the root FSDP state run its lazy initialisation again at the next forward, so it registers the units
-    that replaced old ones (it collects every FSDP state of its tree once, at its first forward)."""
+    that replaced old ones (it collects every FSDP state of its tree once, at its first forward). This resets
+    FSDP2's private state (`_is_root`, `_state_ctx`, as in torch 2.13); a torch whose FSDP2 lacks them is an error
+    here rather than a root that silently skips the new units."""
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
-    for m in root.modules():
-        if isinstance(m, FSDPModule):
-            m._get_fsdp_state()._is_root = None
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
+    except ImportError as err:
+        raise RuntimeError(f"FSDP2 re-registration after a structural change needs FSDP2's FSDPStateContext "
+                           f"(torch 2.13 layout): {err}") from err
+    states = [m._get_fsdp_state() for m in root.modules() if isinstance(m, FSDPModule)]
+    missing = [s for s in states if not hasattr(s, "_is_root") or not hasattr(s, "_state_ctx")]
+    if missing:
+        raise RuntimeError(f"FSDP2 re-registration after a structural change: this torch ({torch.__version__}) has "
+                           f"no FSDPState._is_root/_state_ctx; the root would not register the new blocks")
+    for state in states:
+        state._is_root = None
     root._get_fsdp_state()._state_ctx = FSDPStateContext()
 
 
