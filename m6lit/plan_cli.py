@@ -6,7 +6,8 @@ The config is parsed and instantiated by the same LightningCLI as `m6lit fit` (s
 base recipes, `--model.config.*` options, the tokenizer's linked vocabulary), with the module built on the meta
 device, so nothing is allocated. Budgets, patterns and prefetch come from the config's
 `SelectiveOffloadStrategy` unless given here; with an active `PseudoToReal` callback both stages are planned: the
-shared (pseudo) model and the delinked (real) one.
+shared (pseudo) model and the delinked (real) one. `--gpus N [--ep E]` adds, per stage, the per-rank memory and
+step time of the many-GPU strategies (`m6lit.strategies.parallel_estimate`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from m6lit.callbacks.pseudo_to_real import PseudoToReal
 from m6lit.cli import M6CLI, _strategy_short_name_with_options
 from m6lit.model import M6Model
 from m6lit.strategies.offload import SelectiveOffloadStrategy
+from m6lit.strategies.parallel_estimate import min_gpus_experts_offloaded, parallel_table, plan_offload_ddp
+from m6lit.strategies.patterns import resolve_offload
 from m6lit.strategies.planner import plan_offload
 from m6lit.strategies.sizes import format_bytes, format_count, parse_bytes
 
@@ -37,6 +40,10 @@ PLAN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "micro_batch_tokens": (Optional[int], None, "default: data.batch_size * model.config.max_seq_len"),
     "prefetch": (Optional[int], None, "blocks streamed ahead; default: the config's strategy setting"),
     "optimizer_state_bytes": (int, 8, "8 for AdamW fp32 moments"),
+    "gpus": (Optional[int], None, "add the many-GPU table for this many ranks: per-rank memory and step time of ddp, "
+             "m6_offload_ddp, m6_fsdp (± CPU offload of the offloaded units) and m6_ep, and the fewest GPUs each "
+             "needs for the GPU budget"),
+    "ep": (Optional[int], None, "expert-parallel size of m6_ep in that table (default: all GPUs)"),
 }
 
 
@@ -117,6 +124,7 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
                                 host_memory_budget=None, num_gpus=num_gpus)
         except ValueError as err:
             print(f"no plan: {err}")
+            _print_parallel(root, options, budget, None, precision, tokens, trainer, explicit=offload is not None)
             continue
         plan.host_memory_budget = host_budget
         print(plan.table())
@@ -127,8 +135,59 @@ def print_plan(name: str, module: LightningModule, trainer: Trainer, batch_size:
         if plan.host_memory_budget and plan.estimate.host_total > plan.host_memory_budget:
             print(f"WARNING: host memory per GPU {format_bytes(plan.estimate.host_total)} exceeds host_memory_budget "
                   f"{format_bytes(plan.host_memory_budget)}")
+        _print_parallel(root, options, budget, plan.offload, precision, tokens, trainer,
+                        explicit=offload is not None)
         print()
     sys.stdout.flush()
+
+
+def _print_parallel(root: nn.Module, options: dict[str, Any], budget: Any, offload: Optional[list[str]],
+                    precision: str, tokens: int, trainer: Trainer, explicit: bool) -> None:
+    """The many-GPU table (`--gpus`), then the fewest GPUs for experts split and offloaded. Offloaded units: the
+    patterns given, else for `m6_offload_ddp` what the offload planner streams of one full replica for the GPU
+    budget (all-reduce buffers included), and for `m6_fsdp+offload` the plan's units or, without a plan, every
+    block but the first and the last (the planner's resident minimum)."""
+    gpus = options.get("gpus")
+    if not gpus:
+        return
+    blocks = len(root.model.blocks)
+    if not offload:
+        offload = [f"model.blocks.[1-{blocks - 2}]"] if blocks > 2 else []
+    accumulate = int(trainer.accumulate_grad_batches or 1)
+    common = dict(precision=precision, micro_batch_tokens=tokens, accumulate_grad_batches=accumulate,
+                  optimizer_state_bytes=options["optimizer_state_bytes"])
+    replica = offload
+    if not explicit and budget is not None:
+        try:  # each DDP rank streams its own full replica: plan it for the budget with no experts split
+            replica = plan_offload_ddp(root, parse_bytes(budget), gpus, **common)
+        except ValueError:
+            replica = offload
+    print(f"many GPUs: {gpus} GPUs, {tokens} tokens per micro-batch per GPU x {accumulate}; offloaded units "
+          f"{_units_text(root, offload)} (m6_offload_ddp: {_units_text(root, replica)}); assumed 400 TFLOP/s, "
+          f"50 GB/s per GPU for collectives, 55 GB/s PCIe, 4.26 G params/s host AdamW")
+    print(parallel_table(root, gpus, ep=options.get("ep"), offload=offload, offload_ddp=replica,
+                         gpu_budget=parse_bytes(budget) if budget is not None else None, **common))
+    if budget is None or not any(getattr(m, "num_experts", 0) for m in root.model.blocks.modules()):
+        return
+    host = options.get("host_memory_budget")
+    found = min_gpus_experts_offloaded(root, parse_bytes(budget), parse_bytes(host) if host else None, **common)
+    what = ("experts split over N GPUs + offload of what does not fit (the offload planner; no m6lit strategy "
+            "combines expert parallelism with offload yet)")
+    if found is None:
+        print(f"{what}: fits on no power-of-two number of GPUs")
+    else:
+        n, plan = found
+        print(f"{what}: fits {format_bytes(parse_bytes(budget))} per GPU from {n} GPUs"
+              + (f" with host memory <= {format_bytes(parse_bytes(host))} per GPU" if host else "")
+              + f" ({format_bytes(plan.estimate.gpu_total)} GPU, {format_bytes(plan.estimate.host_total)} host per "
+              f"GPU there)")
+
+
+def _units_text(root: nn.Module, patterns: list[str]) -> str:
+    units = resolve_offload(root, patterns) if patterns else []
+    if not units:
+        return "none"
+    return ", ".join(units) if len(units) <= 3 else f"{len(units)} units ({units[0]} ... {units[-1]})"
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -2,7 +2,10 @@
 
 `apply_structure_change(trainer, module, op)` runs, in this order and nowhere else:
 1. measure — the current batch's loss (and, for a load-weighted merge, the experts' token counts) with dropout off;
-2. the pure op of the model package (`delink`, `apply_expert_op`), which returns the `ParamMap` old → new;
+2. the strategy brings the blocks the op replaces into plain full tensors where it shards them
+   (`prepare_strategy`: `before_parameters_change(model, op)` where it has one, e.g. FSDP2 gathers the blocks,
+   expert parallelism gathers the experts, optimizer state following), then the pure op of the model package
+   (`delink`, `apply_expert_op`) returns the `ParamMap` old → new;
 3. the module's structural hyperparameters (`sync_structure_hparams`), so later checkpoints rebuild the new shape;
 4. every optimizer's groups rewritten **in place** (`rewrite_optimizer`: same group order and hyperparameters, so LR
    schedulers keep their references and a resume loads the state without remapping), state moved per policy;
@@ -51,6 +54,14 @@ class StructureOp(ABC):
     @abstractmethod
     def apply(self, model: nn.Module, loads: Optional[dict[int, Tensor]]) -> ParamMap:
         """Run the pure op on `model` and return its ParamMap."""
+
+    def blocks(self, model: nn.Module) -> list[int]:
+        """The physical blocks whose parameters `apply` replaces (default: every block)."""
+        return list(range(len(model.blocks)))
+
+    def shapes_after(self, model: nn.Module) -> dict[int, ExpertShape]:
+        """Physical block → its expert shape after `apply`, for the blocks whose experts change (none by default)."""
+        return {}
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Op-specific values logged as `<prefix>/<key>` (after the step, before the parameter counts)."""
@@ -115,6 +126,14 @@ class ExpertChange(StructureOp):
         self._after = {b: model.config.expert_shape(b) for b in self._blocks}
         return param_map
 
+    def blocks(self, model: nn.Module) -> list[int]:
+        return sorted(moe_blocks_of(model, self.layers))
+
+    def shapes_after(self, model: nn.Module) -> dict[int, ExpertShape]:
+        config = model.config
+        return {b: config.expert_shape(b).after(self.op, self.factor, config.router, self.how)
+                for b in self.blocks(model)}
+
     def metrics(self, model: nn.Module) -> dict[str, float]:
         return {"factor": float(self.factor),
                 "num_experts": float(max(s.num_experts for s in self._after.values()))}
@@ -177,6 +196,9 @@ def apply_structure_change(trainer: Trainer, module: LightningModule, op: Struct
     if log_loss or op.needs_loads:
         before = measure(module, batch)
         loss_before, loads = before.loss, before.loads
+        if op.needs_loads and getattr(trainer, "world_size", 1) > 1:  # every rank merges on the same (global) loads
+            loads = {k: trainer.strategy.reduce(v.clone(), reduce_op="sum") for k, v in loads.items()}
+    prepare_strategy(trainer, model, op)
     param_map = op.apply(model, loads)
     module.sync_structure_hparams()
     for optimizer in trainer.optimizers:
@@ -255,6 +277,15 @@ def rewrite_optimizer(optimizer: torch.optim.Optimizer, new_groups: list[dict[st
 
 
 # ---------------------------------------------------------------------------------------------- strategy
+def prepare_strategy(trainer: Trainer, model: nn.Module, op: StructureOp) -> None:
+    """Before the pure op: a strategy that shards the parameters `op` replaces turns them into plain full tensors
+    (with the optimizer pointing at them and holding their full state) through its `before_parameters_change`;
+    others need nothing."""
+    hook = getattr(trainer.strategy, "before_parameters_change", None)
+    if callable(hook):
+        hook(model, op)
+
+
 def notify_strategy(trainer: Trainer, param_map: ParamMap) -> None:
     """Let the strategy rebuild whatever caches parameter identity.
 
@@ -287,5 +318,5 @@ def describe_change(param_map: ParamMap) -> str:
 
 
 __all__ = ["Delink", "ExpertChange", "Measurement", "STATE_POLICIES", "StatePolicy", "StructureOp",
-           "apply_structure_change", "describe_change", "measure", "notify_strategy", "rewrite_optimizer",
-           "transplant_state"]
+           "apply_structure_change", "describe_change", "measure", "notify_strategy", "prepare_strategy",
+           "rewrite_optimizer", "transplant_state"]

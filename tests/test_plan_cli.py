@@ -43,7 +43,7 @@ def test_m6_10t_plans_on_the_meta_device_without_allocating() -> None:
               "from m6lit.plan_cli import main\n"
               "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               f"main(['--config', {str(CONFIGS / 'm6-10t.yaml')!r}, '--gpu_memory_budget', '80GB', '--num_gpus', "
-              "'512'])\n"
+              "'512', '--gpus', '512'])\n"
               "print('RSS_GROWTH_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
     out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"})
@@ -53,6 +53,18 @@ def test_m6_10t_plans_on_the_meta_device_without_allocating() -> None:
     assert "(as configured): 209.40B parameters" in text and "(after delink to 48 blocks): 10.05T parameters" in text
     assert "per GPU with experts split over 512 GPUs" in text and "per host (8 GPUs)" in text
     assert "model.blocks.0                     GPU" in text, "the first layer's block stays resident"
+    # the many-GPU table of each stage: the Pseudo Giant fits 80 GB per GPU with experts over 128 GPUs; the Real
+    # Giant fits none of the strategies alone on 512 GPUs (experts split and offloaded, the plan above, does)
+    pseudo, real = text.split("(after delink to 48 blocks)")
+    assert "many GPUs: 512 GPUs" in pseudo and "many GPUs: 512 GPUs" in real
+    ep_pseudo = next(line for line in pseudo.splitlines() if line.startswith("m6_ep (ep 512)"))
+    ep_real = next(line for line in real.splitlines() if line.startswith("m6_ep (ep 512)"))
+    assert ep_pseudo.split()[-2:] == ["yes", "128"] and ep_real.split()[-2:] == ["no", "never"]
+    for strategy in ("ddp", "m6_offload_ddp", "m6_fsdp", "m6_fsdp+offload"):
+        line = next(line for line in real.splitlines() if line.startswith(strategy + " "))
+        assert line.split()[-2:] == ["no", "never"], line
+    assert "combines expert parallelism with offload yet): fits 80.00 GB per GPU from 128 GPUs" in pseudo
+    assert "combines expert parallelism with offload yet): fits 80.00 GB per GPU from 256 GPUs" in real
     growth_kb = int(text.split("RSS_GROWTH_KB")[1].split()[0])
     assert growth_kb < 300_000, f"planning grew the process by {growth_kb} KB"
 

@@ -30,7 +30,8 @@ from m6lit.structure import notify_strategy
 from m6lit.model import ParamMap, delink
 from m6lit.module import M6LitModule
 from m6lit.strategies import ExpertParallelStrategy, FSDP2Strategy
-from m6lit.strategies.parallel import refuse_scheduled_changes
+from m6lit.strategies.parallel import check_scheduled_expert_counts
+from m6lit.structure import ExpertChange
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "scripts"))
@@ -80,6 +81,20 @@ def test_fsdp2_two_ranks_match_one_process(fsdp_run) -> None:
     assert ranks[0]["state"].keys() == state.keys()
 
 
+def test_fsdp2_plan_matches_the_bytes_each_rank_holds(fsdp_run) -> None:
+    """`m6lit plan`'s m6_fsdp estimate of parameter + optimizer-state bytes per rank against what each rank of the
+    2-rank run holds: the mean exactly (FSDP2 shards every tensor over the ranks), each rank within 10% (dim-0
+    chunks of odd-sized tensors are uneven)."""
+    from m6lit.strategies.parallel_estimate import parallel_estimate
+
+    _, ranks = fsdp_run
+    est = parallel_estimate(M6LitModule(tiny_config()), "m6_fsdp", 2, precision="32-true", micro_batch_tokens=48)
+    held = [r["param_bytes"] + r["state_bytes"] for r in ranks]
+    assert sum(held) / 2 == est.state_bytes
+    for value in held:
+        assert abs(value - est.state_bytes) <= 0.1 * est.state_bytes
+
+
 def test_fsdp2_distributed_checkpoint_resumes_exactly_across_a_delink(fsdp_run, tmp_path: Path) -> None:
     out, ranks = fsdp_run
     folder = out / "ckpt" / "step=2.ckpt"
@@ -117,6 +132,112 @@ def test_export_reads_a_distributed_checkpoint(fsdp_run) -> None:
         assert torch.equal(value, ranks[0]["state"][f"model.{name}"]), name
 
 
+FSDP_OPTIONS = {"activation_checkpointing": True, "cpu_offload": ["model.blocks.[1-2]"]}
+SPLIT_AT_3 = {"schedule": [{"step": 3, "op": "split", "factor": 2, "layers": "all"}]}
+
+
+@pytest.fixture(scope="module")
+def fsdp_change_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """2 shared blocks delinked to 4 after step 2, every MoE block's experts split 4 → 8 after step 3; activation
+    checkpointing on, offload patterns given (resolved again after each change; a no-op on a CPU run)."""
+    out = tmp_path_factory.mktemp("fsdp_change")
+    return out, _run(out, "fsdp", 5, M6LIT_CKPT_DIR=str(out / "ckpt"), M6LIT_DELINK_STEP="2",
+                     M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+                     M6LIT_FSDP=json.dumps(FSDP_OPTIONS))
+
+
+def test_fsdp2_delink_and_expert_split_mid_run_match_one_process(fsdp_change_run) -> None:
+    out, ranks = fsdp_change_run
+    losses, state = _reference(5, batch=4, accumulate=2, num_unique_blocks=2,
+                               callbacks=(PseudoToReal(delink_step=2), ExpertSplitMerge(**SPLIT_AT_3)))
+    for rank, result in enumerate(ranks):
+        assert result["blocks"] == 4
+        assert result["units"] == [[True, True]] * 4  # every new block is an FSDP unit with its checkpointing
+        got = torch.tensor([loss for _, loss in result["losses"]])
+        torch.testing.assert_close(got, torch.tensor(losses[rank::2]), rtol=0, atol=1e-5)
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, state[name], rtol=0, atol=1e-5, msg=name)
+    assert ranks[0]["state"].keys() == state.keys()  # the full state dict is gathered on rank 0
+    assert ranks[0]["state"]["model.blocks.3.ffn.experts.w_gate"].shape[0] == 8
+    # training continues on the new, re-sharded blocks: every block parameter moved after the split
+    from m6lit.export import load_checkpoint
+
+    after_split = load_checkpoint(out / "ckpt" / "step=3.ckpt")["state_dict"]
+    block_params = [n for n in state if n.startswith("model.blocks.") and "logit_offset" not in n]
+    assert after_split["model.blocks.3.ffn.experts.w_gate"].shape[0] == 8
+    for name in block_params:
+        assert not torch.equal(after_split[name], ranks[0]["state"][name]), name
+
+
+def test_fsdp2_checkpoint_after_a_delink_and_split_resumes_exactly(fsdp_change_run, tmp_path: Path) -> None:
+    out, ranks = fsdp_change_run
+    # built shared with 4 experts; the checkpoint (4 blocks, 8 experts) is rebuilt before sharding; the callbacks'
+    # changes are recorded as done, so they do not run again
+    resumed = _run(tmp_path, "fsdp", 5, M6LIT_CKPT=str(out / "ckpt" / "step=3.ckpt"), M6LIT_DELINK_STEP="2",
+                   M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    for rank in (0, 1):
+        assert resumed[rank]["losses"] == ranks[rank]["losses"][3:]
+        for name, value in resumed[rank]["state"].items():
+            assert torch.equal(value, ranks[rank]["state"][name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 CPU offload on two GPUs")
+def test_fsdp2_changes_with_cpu_offload_on_two_gpus_match_the_cpu_run(fsdp_change_run, tmp_path: Path) -> None:
+    # the offloaded blocks ([1-2]) after the delink and the split are other parameters than before: re-resolved
+    _, cpu = fsdp_change_run
+    gpu = _run(tmp_path, "fsdp", 5, M6LIT_ACCELERATOR="gpu", M6LIT_DELINK_STEP="2",
+               M6LIT_EXPERTS=json.dumps(SPLIT_AT_3), M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}),
+               M6LIT_FSDP=json.dumps(FSDP_OPTIONS))
+    for rank in (0, 1):
+        got = torch.tensor([loss for _, loss in gpu[rank]["losses"]])
+        torch.testing.assert_close(got, torch.tensor([loss for _, loss in cpu[rank]["losses"]]), rtol=0, atol=1e-4)
+
+
+def _check_stale_units_are_refused(rank: int, world: int) -> None:
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for bypass in ("replace a parameter", "delink without gathering"):
+        torch.manual_seed(0)
+        module = M6LitModule(tiny_config(num_unique_blocks=2))
+        mesh = init_device_mesh("cpu", (world,))
+        for block in module.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module.model, mesh=mesh)
+        strategy = FSDP2Strategy()
+        strategy._lightning_module = module
+        if bypass == "replace a parameter":
+            module.model.blocks[1].attn_norm.weight = nn.Parameter(torch.ones(32))
+            match = r"blocks\.1 is an FSDP unit whose parameters were replaced without gathering it first"
+        else:
+            delink(module.model, 4)
+            match = r"blocks\.0 holds DTensor shards outside an FSDP unit"
+        with pytest.raises(RuntimeError, match=rf"FSDP2Strategy cannot apply .*: {match}"):
+            strategy.on_parameters_changed(None)
+
+
+def test_fsdp2_refuses_a_change_that_bypassed_the_gather() -> None:
+    from _dist import spawn
+
+    spawn(_check_stale_units_are_refused, 2)
+
+
+def test_expert_parallel_split_and_merge_mid_run_match_one_process(tmp_path: Path) -> None:
+    # split 4 → 8 after step 2 (each rank's slice 2 → 4 experts), load-weighted merge back to 4 after step 3
+    schedule = {"schedule": [{"step": 2, "op": "split", "factor": 2, "layers": "all"},
+                             {"step": 3, "op": "merge", "factor": 2, "layers": [1]}]}
+    ranks = _run(tmp_path, "ep", 4, M6LIT_EXPERTS=json.dumps(schedule))
+    losses, state = _reference(4, batch=8, accumulate=1, callbacks=(ExpertSplitMerge(**schedule),))
+    mean = [(a[1] + b[1]) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=0, atol=1e-6)
+    assert state["model.blocks.1.ffn.experts.w_gate"].shape[0] == 4
+    assert state["model.blocks.3.ffn.experts.w_gate"].shape[0] == 8
+    for result in ranks:
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, state[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: Path) -> None:
     # 2 shared blocks delinked to 4 after step 2: the clones keep their expert slices, DDP is rebuilt
     ranks = _run(tmp_path, "ep", 3, M6LIT_CKPT_DIR=str(tmp_path / "ckpt"), M6LIT_DELINK_STEP="2",
@@ -133,6 +254,11 @@ def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: P
             torch.testing.assert_close(value, state[name], rtol=0, atol=1e-6, msg=name)
     experts = ckpt["state_dict"]["model.blocks.1.ffn.experts.w_gate"]
     assert experts.shape[0] == 4  # all experts, not one rank's slice
+    # `m6lit plan`'s m6_ep estimate (dense replicated, experts halved) is exactly what each rank holds
+    from m6lit.strategies.parallel_estimate import parallel_estimate
+
+    est = parallel_estimate(M6LitModule(tiny_config()), "m6_ep", 2, precision="32-true", micro_batch_tokens=48)
+    assert [r["param_bytes"] + r["state_bytes"] for r in ranks] == [est.state_bytes] * 2
     moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()
                if s["exp_avg"].shape == experts.shape]
     assert moments and all(m.abs().sum() > 0 for m in moments)
@@ -161,20 +287,21 @@ def test_single_device_subclass_without_the_hook_refuses_and_plain_single_device
         notify_strategy(SimpleNamespace(strategy=Custom("cpu"), global_step=1), _param_map())
 
 
-def test_parallel_strategies_refuse_scheduled_changes_they_cannot_apply() -> None:
-    delinks = PseudoToReal(schedule=[DelinkEvent(3, 4)])
+def test_expert_parallel_refuses_expert_counts_its_size_does_not_divide() -> None:
     splits = ExpertSplitMerge(schedule=[{"step": 5, "op": "split", "factor": 2, "layers": "all"}])
-    trainer = SimpleNamespace(callbacks=[delinks, splits])
-    with pytest.raises(RuntimeError, match=r"FSDP2Strategy cannot apply PseudoToReal delink to 4 blocks at step 3; "
-                                           r"ExpertSplitMerge split x2 at step 5 mid-run: fully_shard"):
-        refuse_scheduled_changes(FSDP2Strategy(), trainer, done_step=0, num_blocks=2)
-    refuse_scheduled_changes(FSDP2Strategy(), trainer, done_step=5, num_blocks=4)  # resumed after both: nothing due
-    with pytest.raises(RuntimeError, match=r"ExpertParallelStrategy cannot apply ExpertSplitMerge split x2 at step 5 "
-                                           r"mid-run: each rank holds a slice"):
-        refuse_scheduled_changes(ExpertParallelStrategy(), trainer, done_step=0, num_blocks=2)
-    refuse_scheduled_changes(ExpertParallelStrategy(), SimpleNamespace(callbacks=[delinks]), 0, 2)  # delink is fine
-    with pytest.raises(RuntimeError, match=r"FSDP2Strategy cannot apply a structural change mid-run \(delink"):
-        FSDP2Strategy().on_parameters_changed(_param_map())
+    model = M6LitModule(tiny_config()).model  # 4 experts: 8 after the split
+    trainer = SimpleNamespace(callbacks=[PseudoToReal(schedule=[DelinkEvent(3, 4)]), splits])
+    with pytest.raises(ValueError, match=r"ExpertSplitMerge.schedule\[0\] \(split x2 at step 5\) leaves layer 1 "
+                                         r"with 8 experts, not divisible by expert_parallel_size=3"):
+        check_scheduled_expert_counts(trainer, model, done_step=0, expert_parallel_size=3)
+    check_scheduled_expert_counts(trainer, model, done_step=5, expert_parallel_size=3)  # resumed after it
+    check_scheduled_expert_counts(trainer, model, done_step=0, expert_parallel_size=4)
+    # at the step itself, before anything is gathered or changed
+    with pytest.raises(ValueError, match=r"ExpertParallelStrategy: ExpertChange would leave blocks.1 with 8 "
+                                         r"experts, blocks.3 with 8 experts, not divisible by "
+                                         r"expert_parallel_size=3"):
+        ExpertParallelStrategy(expert_parallel_size=3).before_parameters_change(model, ExpertChange("split", 2))
+    assert model.blocks[1].ffn.num_experts == 4
 
 
 def test_registered_short_names_and_bad_arguments() -> None:

@@ -114,6 +114,36 @@ def test_expert_change_matches_the_pure_op_and_feeds_load_weights_from_the_batch
     assert module.hparams["config"]["expert_overrides"] is None
 
 
+def test_a_sharding_strategy_prepares_before_the_op_and_a_merge_uses_every_rank_s_loads() -> None:
+    """`before_parameters_change` sees the op's blocks before anything changed; on several ranks the load-weighted
+    merge uses the loads summed over the ranks (here a fake reduce adds another rank's counts)."""
+    module = _module(top_k=1)
+    twin = _module(top_k=1)
+    other = {layer: torch.arange(4.0) * 5 for layer in (1, 3)}
+    seen: list = []
+
+    class _Sharded(_Strategy):
+        def before_parameters_change(self, model, op) -> None:
+            seen.append((op.blocks(model), op.shapes_after(model)[1].num_experts, model.blocks[1].ffn.num_experts))
+
+        def reduce(self, tensor, reduce_op="mean"):
+            seen.append(reduce_op)
+            return tensor + other[1]
+
+    trainer, optimizer, _, batch = _trainer(module)
+    twin.model.load_state_dict(module.model.state_dict())
+    trainer.strategy = _Sharded(module, optimizer)
+    trainer.world_size = 2
+    loads = measure(twin, batch).loads
+    apply_structure_change(trainer, module, ExpertChange("merge", 2, weights="load", how="average"), batch=batch,
+                           log_loss=False)
+    apply_expert_op(twin.model, "merge", 2, weights="load", how="average",
+                    loads={k: v + other[1] for k, v in loads.items()})
+    assert seen == ["sum", "sum", ([1, 3], 2, 4)]
+    for (name, a), b in zip(module.model.state_dict().items(), twin.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_strategy_that_cannot_replan_stops_the_change_naming_itself_and_the_step() -> None:
     module = _module(num_unique_blocks=2)
     trainer, _, logger, batch = _trainer(module, strategy=FSDPStrategy(), step=11)

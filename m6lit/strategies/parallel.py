@@ -13,12 +13,17 @@ over the `expert` dimension of a DeviceMesh (`expert_data` × `expert`): dense p
 DDP, expert gradients are summed over the `expert_data` dimension only (never all-reduced with the dense ones), and
 checkpoints hold the full experts, so a resume at another expert-parallel size re-shards them.
 
-Structural changes: both take a delink through `on_parameters_changed` where they can (expert parallel: the clones
-keep their expert slices and DDP is rebuilt); what they cannot apply mid-run (FSDP2: any change to sharded blocks,
-because `fully_shard` swaps parameters for DTensor shards and forbids copying the module; expert parallel: expert
-split/merge/segment, which index the full expert dimension) is refused at setup when a callback schedules it, and at
-the step otherwise — never a silently stale wrapper. Such changes go through a checkpoint: make the change under a
-single device or DDP, then resume here (the checkpoint's structure is rebuilt before sharding).
+Structural changes mid-run go through `m6lit.structure.apply_structure_change`, which calls
+`before_parameters_change(model, op)` before the pure op and `on_parameters_changed(param_map)` after the optimizer
+rewrite. FSDP2: the blocks the op replaces are gathered into plain blocks built from the config holding the full
+tensors (on the host), with the optimizer pointing at them and holding their full state; afterwards every plain
+block is sharded again (same mesh, mixed precision, activation checkpointing, offload patterns resolved against the
+new structure), its optimizer state moved to the matching DTensor shards, and the root FSDP state re-runs its lazy
+initialisation to register the new units. A block whose FSDP unit no longer manages its parameters is an error,
+never a stale wrapper. Expert parallel: a delink keeps each clone's expert slice and rebuilds DDP; an expert op
+gathers the changed layers' experts (and their optimizer state) first and re-shards them for the new count after,
+or fails before changing anything when the expert-parallel size does not divide that count (checked at setup for
+an `ExpertSplitMerge` schedule too).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from m6lit.model.expert_parallel import ExpertParallel, expert_slice, gather_expert_tensor, moe_layers, shard_experts
+from m6lit.model.expert_parallel import (EXPERT_PARAMS, ExpertParallel, expert_slice, gather_expert_tensor, moe_layers,
+                                         shard_experts)
 from m6lit.strategies.patterns import resolve_offload
 
 EXPERT_OPS = ("split", "merge", "segment")
@@ -54,31 +60,27 @@ def _sharded_root(lightning_module: nn.Module, strategy: str) -> nn.Module:
     return root
 
 
-def _pending_structure_changes(trainer: Any, done_step: int, num_blocks: int) -> list[str]:
-    """Structural changes that callbacks of this run will make after `done_step` (human-readable)."""
-    from m6lit.callbacks import ExpertSplitMerge, PseudoToReal
+def check_scheduled_expert_counts(trainer: Any, model: nn.Module, done_step: int, expert_parallel_size: int) -> None:
+    """Fail at setup, before any step, when an `ExpertSplitMerge` entry after `done_step` would leave a layer with
+    an expert count the expert-parallel size does not divide (the same shape rule the ops apply, layer by layer)."""
+    from m6lit.callbacks import ExpertSplitMerge
+    from m6lit.model.experts import moe_blocks_of
 
-    pending = []
+    config = model.config
     for cb in trainer.callbacks:
-        if isinstance(cb, PseudoToReal):
-            pending += [f"PseudoToReal delink to {e.num_unique_blocks} blocks at step {e.step}" for e in cb.events
-                        if e.step > done_step and e.num_unique_blocks > num_blocks]
-        elif isinstance(cb, ExpertSplitMerge):
-            pending += [f"ExpertSplitMerge {e.op} x{e.factor} at step {e.step}" for e in cb.events
-                        if e.step > done_step]
-    return pending
-
-
-def refuse_scheduled_changes(strategy: Any, trainer: Any, done_step: int, num_blocks: int) -> None:
-    """Fail at setup, before any step, when a callback schedules a structural change this strategy cannot apply."""
-    which = strategy.unsupported_changes
-    pending = [p for p in _pending_structure_changes(trainer, done_step, num_blocks)
-               if which == "all" or p.startswith(which)]
-    if pending:
-        raise RuntimeError(f"{type(strategy).__name__} cannot apply {'; '.join(pending)} mid-run: "
-                           f"{strategy.unsupported_reason}. Run the phase up to the change on a single device or ddp, "
-                           f"then resume from its checkpoint with {strategy.strategy_name} (the checkpoint's "
-                           f"structure is rebuilt before sharding).")
+        if not isinstance(cb, ExpertSplitMerge):
+            continue
+        shapes = {layer: config.expert_shape(block) for layer, block in enumerate(model.layer_to_block)}
+        for i, event in enumerate(cb.events):
+            for layer in [layer for runs in moe_blocks_of(model, event.layers).values() for layer in runs]:
+                try:
+                    shapes[layer] = shapes[layer].after(event.op, event.factor, config.router, event.how)
+                except ValueError:
+                    return  # an invalid entry: the callback names it at fit start
+                if event.step > done_step and shapes[layer].num_experts % expert_parallel_size:
+                    raise ValueError(f"ExpertSplitMerge.schedule[{i}] ({event.op} x{event.factor} at step "
+                                     f"{event.step}) leaves layer {layer} with {shapes[layer].num_experts} experts, "
+                                     f"not divisible by expert_parallel_size={expert_parallel_size}")
 
 
 def _resumed_step(trainer: Any) -> int:
@@ -106,9 +108,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     strategy_name = "m6_fsdp"
-    unsupported_changes = "all"
-    unsupported_reason = ("fully_shard swaps each block's parameters for DTensor shards and forbids copying the "
-                          "module, so the change would fail or train stale shards")
 
     def __init__(self, activation_checkpointing: bool = False, cpu_offload: Optional[list[str]] = None,
                  reshard_after_forward: bool = True, data_parallel_size: Union[Literal["auto"], int] = "auto",
@@ -142,42 +141,49 @@ class FSDP2Strategy(ModelParallelStrategy):
         return MixedPrecisionPolicy()
 
     def parallelize(self, lightning_module: nn.Module) -> None:
-        """fully_shard the offloaded units, each block (after activation checkpointing), then the root."""
-        from torch.distributed._composable import checkpoint
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+        """fully_shard each block (its offloaded parts first, after activation checkpointing), then the root."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         root = _sharded_root(lightning_module, type(self).__name__)
         if any(isinstance(m, FSDPModule) for m in root.modules()):
             raise RuntimeError(f"{type(self).__name__}: the model is already sharded (fully_shard was applied "
                                f"before the strategy's setup)")
-        mesh = self.device_mesh["data_parallel"]
-        common = dict(mesh=mesh, mp_policy=self.mixed_precision_policy())
-        modules = dict(lightning_module.named_modules())
+        offload = self._resolve_offload(lightning_module)
+        for index in range(len(root.blocks)):
+            self._shard_block(lightning_module, index, offload)
+        fully_shard(root, mesh=self.device_mesh["data_parallel"], mp_policy=self.mixed_precision_policy())
+        rank_zero_info(f"{type(self).__name__}: fully_shard over {self.device_mesh['data_parallel'].size()} ranks: "
+                       f"{len(root.blocks)} blocks + root, activation checkpointing "
+                       f"{'on' if self.activation_checkpointing else 'off'}, CPU offload {offload or 'none'}")
+
+    def _resolve_offload(self, lightning_module: nn.Module) -> list[str]:
+        """Module names the offload patterns pick in the current structure (none on a CPU run: everything already
+        lives on the host, and CPUOffloadPolicy needs an accelerator)."""
         self.offloaded = resolve_offload(lightning_module, self.cpu_offload) if self.cpu_offload else []
-        # on a CPU-only run everything already lives on the host (and CPUOffloadPolicy needs an accelerator)
-        offload = [] if self.root_device.type == "cpu" else self.offloaded
-        blocks = {id(b) for b in root.blocks}
-        for name in offload:
-            if id(modules[name]) not in blocks:  # part of a block: its own unit, inside the block's
-                fully_shard(modules[name], offload_policy=CPUOffloadPolicy(),
-                            reshard_after_forward=self.reshard_after_forward, **common)
-        offloaded_blocks = {id(modules[n]) for n in offload}
-        for block in root.blocks:
-            if self.activation_checkpointing:
-                checkpoint(block)
-            extra = {"offload_policy": CPUOffloadPolicy()} if id(block) in offloaded_blocks else {}
-            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **common, **extra)
-        fully_shard(root, **common)
-        rank_zero_info(f"{type(self).__name__}: fully_shard over {mesh.size()} ranks: {len(root.blocks)} blocks + "
-                       f"root, activation checkpointing {'on' if self.activation_checkpointing else 'off'}, "
-                       f"CPU offload {offload or 'none'}")
+        return [] if self.root_device.type == "cpu" else self.offloaded
+
+    def _shard_block(self, lightning_module: nn.Module, index: int, offload: list[str]) -> None:
+        """Activation checkpointing (when on) and fully_shard for block `index`; its offloaded parts get their own
+        unit with `CPUOffloadPolicy` first, an offloaded block gets the policy itself."""
+        from torch.distributed._composable import checkpoint
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        block = _sharded_root(lightning_module, type(self).__name__).blocks[index]
+        modules = dict(lightning_module.named_modules())
+        name = next(n for n, m in modules.items() if m is block)
+        common = dict(mesh=self.device_mesh["data_parallel"], mp_policy=self.mixed_precision_policy(),
+                      reshard_after_forward=self.reshard_after_forward)
+        for part in offload:
+            if part.startswith(name + "."):  # part of a block: its own unit, inside the block's
+                fully_shard(modules[part], offload_policy=CPUOffloadPolicy(), **common)
+        if self.activation_checkpointing:
+            checkpoint(block)
+        extra = {"offload_policy": CPUOffloadPolicy()} if name in offload else {}
+        fully_shard(block, **common, **extra)
 
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
-        root = _sharded_root(self.lightning_module, type(self).__name__)
-        if trainer.state.fn == TrainerFn.FITTING:
-            refuse_scheduled_changes(self, trainer, _resumed_step(trainer), len(root.blocks))
         # shard first (fully_shard moves each unit's shards to the device, or keeps offloaded ones on the host),
         # then materialise meta-initialised shards and move what is left — never the whole model on one device
         self.parallelize(self.lightning_module)
@@ -225,12 +231,64 @@ class FSDP2Strategy(ModelParallelStrategy):
             if child is not root:
                 child.to(self.root_device)
 
-    def on_parameters_changed(self, param_map: Any = None) -> None:
-        from m6lit.structure import describe_change
+    # ------------------------------------------------------------------ structural changes
+    def before_parameters_change(self, model: nn.Module, op: Any) -> None:
+        """Swap each block `op` replaces for a plain block built from the config holding its full tensors (on the
+        host), and point the optimizer at those with full state: the pure op and the optimizer rewrite then run as
+        on one device. Every rank holds the full affected blocks and their state until `on_parameters_changed`
+        shards them again."""
+        from torch.distributed.fsdp import FSDPModule
 
-        raise RuntimeError(f"{type(self).__name__} cannot apply a structural change mid-run "
-                           f"({describe_change(param_map)}): its blocks are sharded by fully_shard. Make the change "
-                           f"on a single device, ddp or m6_ep and resume from that checkpoint with m6_fsdp.")
+        root = _sharded_root(self.lightning_module, type(self).__name__)
+        _reshard_all(root)  # a no-grad forward (the transaction's measurement) leaves the root unsharded
+        swaps: dict[int, tuple[nn.Parameter, nn.Parameter, Any]] = {}
+        for index in op.blocks(root):
+            block = root.blocks[index]
+            if not isinstance(block, FSDPModule):
+                raise RuntimeError(f"{type(self).__name__}: blocks.{index} is not sharded (fully_shard) before a "
+                                   f"structural change")
+            plain = _gathered_block(root, index)
+            new = dict(plain.named_parameters())
+            for pname, p in block.named_parameters():
+                swaps[id(p)] = (p, new[pname], _full_tensor)
+            root.blocks[index] = plain
+        _swap_optimizer_params(self.optimizers, swaps)
+
+    def on_parameters_changed(self, param_map: Any = None) -> None:
+        """Shard the new (plain) blocks with this strategy's mesh, mixed-precision, offload and activation
+        checkpointing (offload patterns are resolved again against the new structure), move their optimizer state
+        to the matching DTensor shards, and make the root FSDP module register them at its next forward. A block
+        that is still an FSDP unit but no longer holds the parameters its unit manages, or a plain block holding
+        shards, is an error: the change bypassed `before_parameters_change` and would train stale shards."""
+        from m6lit.structure import describe_change
+        from torch.distributed.fsdp import FSDPModule
+
+        what = describe_change(param_map) if param_map is not None else "a structural change"
+        module = self.lightning_module
+        root = _sharded_root(module, type(self).__name__)
+        for index, block in enumerate(root.blocks):
+            if isinstance(block, FSDPModule):
+                if not _manages_its_parameters(block):
+                    raise RuntimeError(f"{type(self).__name__} cannot apply {what}: "
+                                       f"blocks.{index} is an FSDP unit whose parameters were replaced without "
+                                       f"gathering it first (apply structural changes through "
+                                       f"m6lit.structure.apply_structure_change)")
+            elif any(_is_dtensor(p) for p in block.parameters()):
+                raise RuntimeError(f"{type(self).__name__} cannot apply {what}: blocks.{index} "
+                                   f"holds DTensor shards outside an FSDP unit (its source was not gathered)")
+        plain = [i for i, b in enumerate(root.blocks) if not isinstance(b, FSDPModule)]
+        offload = self._resolve_offload(module)
+        swaps: dict[int, tuple[nn.Parameter, nn.Parameter, Any]] = {}
+        for index in plain:
+            before = dict(root.blocks[index].named_parameters())
+            self._shard_block(module, index, offload)
+            after = dict(root.blocks[index].named_parameters())
+            for pname, p in before.items():
+                swaps[id(p)] = (p, after[pname], _shard_like(after[pname]))
+        _swap_optimizer_params(self.optimizers, swaps)
+        _reset_lazy_init(root)
+        rank_zero_info(f"{type(self).__name__}: re-sharded blocks {plain} after {what}; CPU "
+                       f"offload {offload or 'none'}")
 
 
 class ExpertParallelStrategy(DDPStrategy):
@@ -244,8 +302,6 @@ class ExpertParallelStrategy(DDPStrategy):
     """
 
     strategy_name = "m6_ep"
-    unsupported_changes = "ExpertSplitMerge"
-    unsupported_reason = "each rank holds a slice of the experts and the op indexes all of them"
 
     def __init__(self, expert_parallel_size: Union[Literal["auto"], int] = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -281,7 +337,7 @@ class ExpertParallelStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             root = _sharded_root(self.lightning_module, type(self).__name__)
-            refuse_scheduled_changes(self, trainer, _resumed_step(trainer), len(root.blocks))
+            check_scheduled_expert_counts(trainer, root, _resumed_step(trainer), self.expert_parallel_size)
         self._shard()
         super().setup(trainer)
 
@@ -355,23 +411,190 @@ class ExpertParallelStrategy(DDPStrategy):
             optimizer.load_state_dict(local)
 
     # ------------------------------------------------------------------ structural changes
-    def on_parameters_changed(self, param_map: Any = None) -> None:
-        """After a delink: the clones keep their expert slices; re-register them and rebuild DDP. Expert ops are
-        refused (their index maps cover the full expert dimension)."""
-        from m6lit.structure import describe_change
+    def before_parameters_change(self, model: nn.Module, op: Any) -> None:
+        """Before an expert split/merge/segment: check the new expert counts divide the expert-parallel size, then
+        gather the changing layers' experts (and their optimizer state) into full tensors on every rank, so the
+        op indexes all experts as on one device. A delink needs nothing (the clones keep their slices)."""
+        shapes = op.shapes_after(model)
+        size = self.expert_parallel_size
+        bad = {b: s.num_experts for b, s in shapes.items() if s.num_experts % size}
+        if bad:
+            raise ValueError(f"{type(self).__name__}: {type(op).__name__} would leave "
+                             + ", ".join(f"blocks.{b} with {n} experts" for b, n in bad.items())
+                             + f", not divisible by expert_parallel_size={size}")
+        swaps: dict[int, tuple[nn.Parameter, nn.Parameter, Any]] = {}
+        for index in shapes:
+            layer = model.blocks[index].ffn
+            runner = layer.expert_parallel
+            if runner is None:
+                continue
+            for pname in EXPERT_PARAMS:
+                local = getattr(layer.experts, pname)
+                full = nn.Parameter(gather_expert_tensor(local.detach(), runner), requires_grad=local.requires_grad)
+                setattr(layer.experts, pname, full)
+                swaps[id(local)] = (local, full, _gather_state(runner))
+            layer.expert_parallel = None
+        _swap_optimizer_params(self.optimizers, swaps)
 
-        kinds = {link.kind for link in param_map} if param_map is not None else set()
-        if kinds & set(EXPERT_OPS):
-            raise RuntimeError(f"{type(self).__name__} cannot apply {describe_change(param_map)} mid-run: each rank "
-                               f"holds a slice of the experts. Make the change on a single device or ddp and resume "
-                               f"from that checkpoint with m6_ep.")
+    def on_parameters_changed(self, param_map: Any = None) -> None:
+        """After a change: layers whose experts were gathered are sharded again over the expert group for their new
+        count (their optimizer state sliced to match); delinked clones keep their slices. Then DDP is rebuilt."""
+        full = {name: p for name, p in self.lightning_module.named_parameters()}
         self._shard()
+        params = dict(self.lightning_module.named_parameters())
+        runners = self._runner_of()
+        swaps = {id(full[n]): (full[n], params[n], _slice_state(runners[id(params[n])])) for n in self.expert_names
+                 if params[n] is not full[n]}
+        _swap_optimizer_params(self.optimizers, swaps)
         self.model = self.lightning_module
         self.configure_ddp()
 
 
 def _is_expert_state(value: Any, rows: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+
+
+def _gather_state(ep: ExpertParallel) -> Any:
+    """Optimizer-state transform local expert slice → full experts (a collective)."""
+    return lambda v: gather_expert_tensor(v, ep) if _is_expert_state(v, ep.num_local) else v
+
+
+def _slice_state(ep: ExpertParallel) -> Any:
+    """Optimizer-state transform full experts → this rank's slice."""
+    return lambda v: expert_slice(v, ep).clone() if _is_expert_state(v, ep.num_experts) else v
+
+
+def _swap_optimizer_params(optimizers: list[Any],
+                           swaps: dict[int, tuple[nn.Parameter, nn.Parameter, Any]]) -> None:
+    """Put `new` where each `old` parameter sits in every optimizer's groups (`swaps`: id(old) → (old, new, fn);
+    holding `old` keeps its id from being reused), same position, and carry its state through `fn` (applied to
+    every tensor of the state). Groups are walked in order, so a collective inside `fn` runs in the same order on
+    every rank."""
+    for optimizer in optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                old, new, fn = swaps.get(id(p), (None, None, None))
+                if old is not p:
+                    continue
+                state = optimizer.state.pop(p, None)
+                if state:
+                    optimizer.state[new] = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+                group["params"][i] = new
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 helpers
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor shard (a collective, over the shard's mesh device even when the shard is
+    offloaded to the host), on the host; a plain tensor is copied as it is (e.g. Adam's step)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.detach().clone()
+    local = t.to_local()
+    device = t.device_mesh.device_type
+    if local.device.type != device:
+        t = DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor().detach().cpu()
+
+
+def _shard_like(param: torch.Tensor) -> Any:
+    """Optimizer-state transform: a full tensor shaped like `param` → a DTensor sharded as `param` (this rank's
+    rows of FSDP2's dim-0 chunks, on the shard's device); other values (Adam's step) unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local()
+
+    def shard(v: torch.Tensor) -> torch.Tensor:
+        if isinstance(v, DTensor) or v.dim() == 0 or tuple(v.shape) != tuple(param.shape):
+            return v
+        mesh = param.device_mesh
+        chunks = torch.chunk(v, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        mine = chunks[rank] if rank < len(chunks) else v[:0]
+        if tuple(mine.shape) != tuple(local.shape):
+            raise RuntimeError(f"FSDP2 re-shard: optimizer state chunk {tuple(mine.shape)} does not match the "
+                               f"parameter shard {tuple(local.shape)}")
+        return DTensor.from_local(mine.to(local.device).clone(), mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
+    return shard
+
+
+def _gathered_block(root: nn.Module, index: int) -> nn.Module:
+    """A plain block built from the config (on the meta device, no random numbers) holding the full tensors of
+    the sharded block `index`, on the host, in the same train/eval mode."""
+    source = root.blocks[index]
+    with torch.device("meta"):
+        plain = root.build_block(getattr(source, "is_moe", False), index)
+    ours = {n for n, _ in plain.named_parameters()} | {n for n, _ in plain.named_buffers()}
+    theirs = {n for n, _ in source.named_parameters()} | {n for n, _ in source.named_buffers()}
+    if ours != theirs:
+        raise ValueError(f"FSDP2 gather: blocks.{index} does not match a block built from the config: tensors only "
+                         f"in the model {sorted(theirs - ours)}, only in the config's block {sorted(ours - theirs)}")
+    sources = dict(source.named_modules())
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            old = sources[name]
+            for pname, p in old._parameters.items():
+                if p is not None:
+                    module._parameters[pname] = nn.Parameter(_full_tensor(p), requires_grad=p.requires_grad)
+            for bname, b in old._buffers.items():
+                if b is not None:
+                    module._buffers[bname] = _full_tensor(b)
+            module.training = old.training
+    return plain
+
+
+def _manages_its_parameters(block: nn.Module) -> bool:
+    """Whether an FSDP unit's module parameters are exactly the sharded parameters its FSDP groups manage (its
+    own units' and those of FSDP units inside it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    managed: set[int] = set()
+    for m in block.modules():
+        if isinstance(m, FSDPModule):
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                managed |= {id(fp.sharded_param) for fp in group.fsdp_params}
+    return {id(p) for p in block.parameters()} == managed
+
+
+def _reshard_all(root: nn.Module) -> None:
+    """Register the sharded parameters on every FSDP unit of `root` (freeing gathered ones)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _reset_lazy_init(root: nn.Module) -> None:
+    """Make the root FSDP state run its lazy initialisation again at the next forward, so it registers the units
+    that replaced old ones (it collects every FSDP state of its tree once, at its first forward). This resets
+    FSDP2's private state (`_is_root`, `_state_ctx`, as in torch 2.13); a torch whose FSDP2 lacks them is an error
+    here rather than a root that silently skips the new units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
+    except ImportError as err:
+        raise RuntimeError(f"FSDP2 re-registration after a structural change needs FSDP2's FSDPStateContext "
+                           f"(torch 2.13 layout): {err}") from err
+    states = [m._get_fsdp_state() for m in root.modules() if isinstance(m, FSDPModule)]
+    missing = [s for s in states if not hasattr(s, "_is_root") or not hasattr(s, "_state_ctx")]
+    if missing:
+        raise RuntimeError(f"FSDP2 re-registration after a structural change: this torch ({torch.__version__}) has "
+                           f"no FSDPState._is_root/_state_ctx; the root would not register the new blocks")
+    for state in states:
+        state._is_root = None
+    root._get_fsdp_state()._state_ctx = FSDPStateContext()
 
 
 StrategyRegistry.register(FSDP2Strategy.strategy_name, FSDP2Strategy,
