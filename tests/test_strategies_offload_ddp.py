@@ -1,0 +1,184 @@
+"""DDPOffloadStrategy on two gloo CPU ranks (Lightning's launcher starts the second rank of
+tests/scripts/offload_ddp_fit.py; Lightning's DistributedSampler splits the data), against one process.
+
+- Two ranks × batch 2, block 1 streamed (blocks 1-3 after a delink at step 2), clipping that triggers, equal **bitwise**
+  one process × two accumulated micro-batches of 2 over the same samples, and the ranks stay identical at every step.
+  That reference is the exact equivalent: each rank's loss is its micro-batch's token mean, and DDP averages the
+  gradients, (g0 + g1) / 2, which is what accumulation computes, g0 / 2 + g1 / 2 (halving is exact in floating point,
+  and a sum of two is the same either way round). One process with a batch of 4 is not bitwise: each weight gradient
+  would then be one matmul summing 4 rows, a different summation order (about 1e-7 apart), and the MoE balance
+  statistics would be taken over 4 samples instead of per micro-batch.
+- Rank 0 alone writes checkpoints; a resume from the checkpoint after the delink continues exactly.
+- Streamed gradients are averaged in fp32 or in their own dtype, as configured.
+- `SelectiveOffloadStrategy` asked for several devices fails at Trainer construction, naming this strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from _dist import spawn
+from _fakes import ContractBatches, LossRecorder, collate
+from lightning.pytorch.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from m6lit.callbacks import PseudoToReal
+from m6lit.strategies import DDPOffloadStrategy, SelectiveOffloadStrategy
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "scripts"))
+import offload_ddp_fit as fit_script  # noqa: E402
+
+STEPS, DELINK = 4, 2
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="gloo on two local processes")
+
+
+def _run(out: Path, **extra: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), str(HERE / "scripts")]),
+           "M6LIT_TEST_OUT": str(out), "M6LIT_STEPS": str(STEPS), "M6LIT_DELINK_STEP": str(DELINK), **extra}
+    proc = subprocess.run([sys.executable, str(HERE / "scripts" / "offload_ddp_fit.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("offload_ddp")
+    return out, _run(out, M6LIT_CKPT_DIR=str(out / "ckpt"))
+
+
+class _StepStates(L.Callback):
+    """Every parameter after each optimizer step (the last micro-batch of each accumulation)."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate = accumulate
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.states[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _one_process_reference() -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
+    """Resident training in this process: micro-batches of 2 in the order two ranks' DistributedSamplers (Lightning
+    shuffles training data, seed 0) hand them out — rank 0's batch, then rank 1's — accumulated in pairs. Returns
+    each rank's per-step losses (undoing Lightning's division by the accumulation) and the parameters per step."""
+    data = ContractBatches(64)
+    ranks = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    b = fit_script.BATCH
+    order = [i for start in range(0, len(ranks[0]), b) for r in (0, 1) for i in ranks[r][start:start + b]]
+    recorder, states = LossRecorder(), _StepStates(2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        deterministic=True, gradient_clip_val=fit_script.CLIP,
+                        callbacks=[recorder, states, PseudoToReal(delink_step=DELINK, optimizer_state="copy")])
+    loader = StatefulDataLoader(data, batch_size=b, sampler=order, collate_fn=collate)
+    trainer.fit(fit_script.make_module(), loader)
+    losses = [[loss * 2 for _, loss in recorder.rows[r::2]] for r in (0, 1)]
+    return losses, states.states
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@linux_only
+def test_two_ranks_equal_one_process_bitwise_and_each_other_across_a_delink(full_run) -> None:
+    _, ranks = full_run
+    assert [r["world"] for r in ranks] == [2, 2]
+    for step in range(1, STEPS + 1):
+        assert _equal(ranks[0]["states"][step], ranks[1]["states"][step]), f"ranks differ after step {step}"
+    assert ranks[0]["losses"] != ranks[1]["losses"], "each rank trains on its own shard of the data"
+    assert ranks[0]["blocks"] == 4
+    assert ranks[0]["streamed"][DELINK] == ["model.blocks.1"]
+    assert ranks[0]["streamed"][STEPS] == ["model.blocks.1", "model.blocks.2", "model.blocks.3"]
+    coefs = [r["clip_coefs"] for r in ranks]
+    assert coefs[0] == coefs[1] and all(c < 1.0 for c in coefs[0]), "clipping by the global norm, on both ranks"
+    new = [k for k in ranks[0]["states"][STEPS] if k.startswith("model.blocks.3.")]
+    after = ranks[0]["states"][DELINK + 1]
+    assert new and all(not torch.equal(after[k], ranks[0]["states"][STEPS][k]) for k in new), \
+        "the delinked, streamed blocks keep training"
+
+    losses, states = _one_process_reference()
+    assert [[loss for _, loss in r["losses"]] for r in ranks] == losses
+    for step in range(1, STEPS + 1):
+        assert _equal(ranks[0]["states"][step], states[step]), f"differs from one process after step {step}"
+
+
+@linux_only
+def test_rank_zero_writes_the_checkpoints_and_a_resume_after_the_delink_is_exact(full_run, tmp_path: Path) -> None:
+    out, ranks = full_run
+    assert [r["writes"] for r in ranks] == [STEPS, 0]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [f"step={s}.ckpt" for s in range(1, STEPS + 1)]
+    resumed = _run(tmp_path, M6LIT_CKPT=str(out / "ckpt" / f"step={DELINK + 1}.ckpt"))
+    for r, full in zip(resumed, ranks):
+        assert r["losses"] == full["losses"][DELINK + 1:]
+        assert r["blocks"] == 4
+        assert _equal(r["states"][STEPS], full["states"][STEPS])
+
+
+def _check_reduce(rank: int, world: int) -> None:
+    strategy = DDPOffloadStrategy(reduce_dtype="float32")
+    strategy.cluster_environment = LightningEnvironment()
+    strategy.cluster_environment.set_world_size(world)
+    strategy.cluster_environment.set_global_rank(rank)
+    assert strategy.world_size == world and strategy.global_rank == rank
+    g = torch.Generator().manual_seed(rank)
+    local = torch.randn(257, generator=g).to(torch.bfloat16)
+    everyone = [torch.randn(257, generator=torch.Generator().manual_seed(r)).to(torch.bfloat16) for r in range(world)]
+    grad = local.clone()
+    assert strategy._reduce_grad(grad)() is grad
+    expected32 = (sum(t.float() for t in everyone) / world).to(torch.bfloat16)
+    assert torch.equal(grad, expected32), "summed in fp32, the average rounded to bf16 once"
+    strategy.reduce_dtype = "grad"
+    grad = local.clone()
+    strategy._reduce_grad(grad)()
+    own = everyone[0].clone()
+    for t in everyone[1:]:
+        own += t
+    assert torch.equal(grad, own / world), "summed in the gradient's own dtype"
+    strategy.reduce_dtype = "float32"
+    exact = torch.randn(64, generator=g)
+    grad = exact.clone()
+    strategy._reduce_grad(grad)()
+    every32 = [torch.empty_like(exact) for _ in range(world)]
+    torch.distributed.all_gather(every32, exact)
+    assert torch.equal(grad, sum(every32[1:], every32[0]) / world)
+
+
+@linux_only
+def test_streamed_gradients_average_in_the_configured_dtype() -> None:
+    spawn(_check_reduce, 2)
+
+
+@pytest.mark.parametrize("kwargs", [{"devices": 2}, {"devices": 1, "num_nodes": 2}])
+def test_single_device_offload_refuses_several_devices_and_names_the_data_parallel_form(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=r"DDPOffloadStrategy \(strategy: m6_offload_ddp"):
+        L.Trainer(strategy=SelectiveOffloadStrategy(offload=["model.blocks.1"]), accelerator="cpu", logger=False,
+                  **kwargs)
+    with pytest.raises(ValueError, match="trains one process on one device"):
+        L.Trainer(strategy="m6_offload", accelerator="cpu", logger=False, **kwargs)
+
+
+def test_short_name_launcher_sampler_and_bad_arguments() -> None:
+    assert "m6_offload_ddp" in StrategyRegistry
+    trainer = L.Trainer(strategy="m6_offload_ddp", accelerator="cpu", devices=2, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, DDPOffloadStrategy)
+    assert isinstance(strategy.launcher, _SubprocessScriptLauncher)
+    assert strategy.world_size == 2 and strategy.is_global_zero and strategy.root_device == torch.device("cpu")
+    assert trainer.distributed_sampler_kwargs == {"num_replicas": 2, "rank": 0}
+    with pytest.raises(ValueError, match="reduce_dtype='fp16'"):
+        DDPOffloadStrategy(reduce_dtype="fp16")
+    with pytest.raises(ValueError, match="either offload patterns or gpu_memory_budget"):
+        DDPOffloadStrategy(offload=["model.blocks.1"], gpu_memory_budget="80GB")
