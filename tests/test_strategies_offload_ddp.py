@@ -66,10 +66,11 @@ class _StepStates(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.accumulate == 0:
-            self.states[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.states[trainer.global_step] = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
 
 
-def _one_process_reference() -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
+def _one_process_reference(accelerator: str = "cpu",
+                           precision: str = "32-true") -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
     """Resident training in this process: micro-batches of 2 in the order two ranks' DistributedSamplers (Lightning
     shuffles training data, seed 0) hand them out — rank 0's batch, then rank 1's — accumulated in pairs. Returns
     each rank's per-step losses (undoing Lightning's division by the accumulation) and the parameters per step."""
@@ -78,7 +79,8 @@ def _one_process_reference() -> tuple[list[list[float]], dict[int, dict[str, tor
     b = fit_script.BATCH
     order = [i for start in range(0, len(ranks[0]), b) for r in (0, 1) for i in ranks[r][start:start + b]]
     recorder, states = LossRecorder(), _StepStates(2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, accumulate_grad_batches=2, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=STEPS,
+                        accumulate_grad_batches=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         deterministic=True, gradient_clip_val=fit_script.CLIP,
                         callbacks=[recorder, states, PseudoToReal(delink_step=DELINK, optimizer_state="copy")])
@@ -125,6 +127,20 @@ def test_rank_zero_writes_the_checkpoints_and_a_resume_after_the_delink_is_exact
         assert r["losses"] == full["losses"][DELINK + 1:]
         assert r["blocks"] == 4
         assert _equal(r["states"][STEPS], full["states"][STEPS])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_two_gpus_bf16_ranks_stay_identical_and_track_one_gpu(tmp_path: Path) -> None:
+    """On two GPUs (NCCL) under bf16-mixed, with the all-reduces overlapped with backward on the copy stream: the
+    ranks stay bitwise identical (every rank receives the same sums and steps them with the same kernels), and the
+    losses track one GPU with two accumulated micro-batches (bf16 stream copies round differently
+    from autocast's casts of resident weights, so within a tolerance)."""
+    ranks = _run(tmp_path, M6LIT_ACCELERATOR="gpu", M6LIT_PRECISION="bf16-mixed")
+    for step in range(1, STEPS + 1):
+        assert _equal(ranks[0]["states"][step], ranks[1]["states"][step]), f"ranks differ after step {step}"
+    losses, _ = _one_process_reference("gpu", "bf16-mixed")
+    got = torch.tensor([[loss for _, loss in r["losses"]] for r in ranks])
+    torch.testing.assert_close(got, torch.tensor(losses), rtol=0, atol=5e-2)
 
 
 def _check_reduce(rank: int, world: int) -> None:
@@ -182,3 +198,34 @@ def test_short_name_launcher_sampler_and_bad_arguments() -> None:
         DDPOffloadStrategy(reduce_dtype="fp16")
     with pytest.raises(ValueError, match="either offload patterns or gpu_memory_budget"):
         DDPOffloadStrategy(offload=["model.blocks.1"], gpu_memory_budget="80GB")
+
+
+YAML = """\
+trainer:
+  devices: 2
+  strategy:
+    class_path: m6lit.strategies.DDPOffloadStrategy
+    init_args:
+      offload: ["model.blocks.[1-2]"]
+      reduce_dtype: float32
+"""
+
+
+def test_yaml_class_path_and_the_short_name_with_options_on_the_command_line(tmp_path: Path) -> None:
+    from m6lit.cli import _strategy_short_name_with_options
+
+    argv = ["fit", "--trainer.strategy", "m6_offload_ddp", "--trainer.strategy.prefetch", "2"]
+    assert _strategy_short_name_with_options(argv)[2] == "m6lit.strategies.DDPOffloadStrategy"
+    assert _strategy_short_name_with_options(["--trainer.strategy=m6_offload_ddp", "--trainer.strategy.prefetch=2"])[
+        0] == "--trainer.strategy=m6lit.strategies.DDPOffloadStrategy"
+    (tmp_path / "run.yaml").write_text(YAML)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, "-m", "m6lit", "fit", "--config", str(HERE.parent / "configs" / "demo.yaml"),
+                          "--config", str(tmp_path / "run.yaml"), "--trainer.strategy.prefetch", "2",
+                          "--print_config"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import yaml
+
+    strategy = yaml.safe_load(out.stdout)["trainer"]["strategy"]
+    assert strategy["class_path"] == "m6lit.strategies.DDPOffloadStrategy"
+    assert strategy["init_args"]["offload"] == ["model.blocks.[1-2]"] and strategy["init_args"]["prefetch"] == 2
