@@ -69,24 +69,26 @@ class _StepStates(L.Callback):
             self.states[trainer.global_step] = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
 
 
-def _one_process_reference(accelerator: str = "cpu",
-                           precision: str = "32-true") -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
+def _one_process_reference(accelerator: str = "cpu", precision: str = "32-true", accumulate: int = 1, steps: int = STEPS,
+                           delink: bool = True) -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
     """Resident training in this process: micro-batches of 2 in the order two ranks' DistributedSamplers (Lightning
-    shuffles training data, seed 0) hand them out — rank 0's batch, then rank 1's — accumulated in pairs. Returns
-    each rank's per-step losses (undoing Lightning's division by the accumulation) and the parameters per step."""
+    shuffles training data, seed 0) hand them out — rank 0's batch, then rank 1's — accumulated over both ranks'
+    `accumulate` micro-batches. Returns the per-micro-batch losses of each rank's samples (undoing Lightning's division by the
+    accumulation) and the parameters after each step."""
     data = ContractBatches(64)
     ranks = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     b = fit_script.BATCH
     order = [i for start in range(0, len(ranks[0]), b) for r in (0, 1) for i in ranks[r][start:start + b]]
-    recorder, states = LossRecorder(), _StepStates(2)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=STEPS,
-                        accumulate_grad_batches=2, logger=False,
+    recorder, states = LossRecorder(), _StepStates(2 * accumulate)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
+                        accumulate_grad_batches=2 * accumulate, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         deterministic=True, gradient_clip_val=fit_script.CLIP,
-                        callbacks=[recorder, states, PseudoToReal(delink_step=DELINK, optimizer_state="copy")])
+                        callbacks=[recorder, states, *([PseudoToReal(delink_step=DELINK, optimizer_state="copy")]
+                                                       if delink else [])])
     loader = StatefulDataLoader(data, batch_size=b, sampler=order, collate_fn=collate)
     trainer.fit(fit_script.make_module(), loader)
-    losses = [[loss * 2 for _, loss in recorder.rows[r::2]] for r in (0, 1)]
+    losses = [[loss * 2 * accumulate for _, loss in recorder.rows[r::2]] for r in (0, 1)]
     return losses, states.states
 
 
@@ -141,6 +143,22 @@ def test_cuda_two_gpus_bf16_ranks_stay_identical_and_track_one_gpu(tmp_path: Pat
     losses, _ = _one_process_reference("gpu", "bf16-mixed")
     got = torch.tensor([[loss for _, loss in r["losses"]] for r in ranks])
     torch.testing.assert_close(got, torch.tensor(losses), rtol=0, atol=5e-2)
+
+
+@linux_only
+def test_gradient_accumulation_on_two_ranks_tracks_one_process(tmp_path: Path) -> None:
+    """Two ranks × two accumulated micro-batches: streamed gradients are averaged at every micro-batch (they leave the
+    device) and summed on the host, resident ones accumulate under DDP's no_sync and are averaged once; one process
+    accumulating all four micro-batches adds the same gradients in another association, ((a + b) + c) + d rather
+    than (a + b) + (c + d), so the ranks are identical to each other and the losses equal one process to 1e-5."""
+    ranks = _run(tmp_path, M6LIT_ACCUMULATE="2", M6LIT_STEPS="2", M6LIT_DELINK_STEP="")
+    for step in (1, 2):
+        assert _equal(ranks[0]["states"][step], ranks[1]["states"][step]), f"ranks differ after step {step}"
+    losses, _ = _one_process_reference(accumulate=2, steps=2, delink=False)
+    got = torch.tensor([[loss * 2 for _, loss in r["losses"]] for r in ranks])  # undo the division by 2
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got, torch.tensor(losses), rtol=0, atol=1e-5)
+    assert torch.equal(got[:, :2], torch.tensor(losses)[:, :2]), "the first step's forwards are the same"
 
 
 def _check_reduce(rank: int, world: int) -> None:
@@ -200,25 +218,20 @@ def test_short_name_launcher_sampler_and_bad_arguments() -> None:
         DDPOffloadStrategy(offload=["model.blocks.1"], gpu_memory_budget="80GB")
 
 
-YAML = """\
-trainer:
-  devices: 2
-  strategy:
-    class_path: m6lit.strategies.DDPOffloadStrategy
-    init_args:
-      offload: ["model.blocks.[1-2]"]
-      reduce_dtype: float32
-"""
+def _readme_yaml() -> str:
+    """The YAML block of the README's `m6_offload_ddp` subsection (so the test keeps the README true)."""
+    part = (HERE.parent / "README.md").read_text().split("### Selective offload on many GPUs", 1)[1]
+    return part.split("```yaml\n", 1)[1].split("```", 1)[0]
 
 
-def test_yaml_class_path_and_the_short_name_with_options_on_the_command_line(tmp_path: Path) -> None:
+def test_readme_yaml_class_path_and_the_short_name_with_options_on_the_command_line(tmp_path: Path) -> None:
     from m6lit.cli import _strategy_short_name_with_options
 
     argv = ["fit", "--trainer.strategy", "m6_offload_ddp", "--trainer.strategy.prefetch", "2"]
     assert _strategy_short_name_with_options(argv)[2] == "m6lit.strategies.DDPOffloadStrategy"
     assert _strategy_short_name_with_options(["--trainer.strategy=m6_offload_ddp", "--trainer.strategy.prefetch=2"])[
         0] == "--trainer.strategy=m6lit.strategies.DDPOffloadStrategy"
-    (tmp_path / "run.yaml").write_text(YAML)
+    (tmp_path / "run.yaml").write_text(_readme_yaml())
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = subprocess.run([sys.executable, "-m", "m6lit", "fit", "--config", str(HERE.parent / "configs" / "demo.yaml"),
                           "--config", str(tmp_path / "run.yaml"), "--trainer.strategy.prefetch", "2",
@@ -228,4 +241,5 @@ def test_yaml_class_path_and_the_short_name_with_options_on_the_command_line(tmp
 
     strategy = yaml.safe_load(out.stdout)["trainer"]["strategy"]
     assert strategy["class_path"] == "m6lit.strategies.DDPOffloadStrategy"
-    assert strategy["init_args"]["offload"] == ["model.blocks.[1-2]"] and strategy["init_args"]["prefetch"] == 2
+    assert strategy["init_args"]["offload"] == ["model.blocks.[8-23]"] and strategy["init_args"]["prefetch"] == 2
+    assert strategy["init_args"]["reduce_dtype"] == "float32"

@@ -4,7 +4,7 @@ tests/test_strategies_offload_ddp.py).
 
 Environment: M6LIT_TEST_OUT (output folder), M6LIT_STEPS, optional M6LIT_CKPT (resume from), M6LIT_CKPT_DIR
 (checkpoint every step there), M6LIT_DELINK_STEP (PseudoToReal to 4 blocks after that step), M6LIT_ACCELERATOR
-(default cpu), M6LIT_PRECISION (default 32-true).
+(default cpu), M6LIT_PRECISION (default 32-true), M6LIT_ACCUMULATE (accumulate_grad_batches, default 1).
 """
 
 import os
@@ -70,7 +70,8 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=env["M6LIT_CKPT_DIR"], every_n_train_steps=1, save_top_k=-1,
                                          filename="{step}"))
     trainer = L.Trainer(accelerator=env.get("M6LIT_ACCELERATOR", "cpu"), devices=2, strategy=strategy,
-                        precision=env.get("M6LIT_PRECISION", "32-true"), max_steps=int(env["M6LIT_STEPS"]),
+                        precision=env.get("M6LIT_PRECISION", "32-true"),
+                        accumulate_grad_batches=int(env.get("M6LIT_ACCUMULATE", "1")), max_steps=int(env["M6LIT_STEPS"]),
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(env.get("M6LIT_CKPT_DIR")), deterministic=True,
                         gradient_clip_val=CLIP, callbacks=callbacks, plugins=[CountingIO()])
