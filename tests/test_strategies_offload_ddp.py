@@ -195,6 +195,30 @@ def test_streamed_gradients_average_in_the_configured_dtype() -> None:
     spawn(_check_reduce, 2)
 
 
+def _text_only(rows: list[dict]) -> dict:
+    return {k: v for k, v in collate(rows).items() if k != "pixel_values"}
+
+
+def _check_unused_streamed_parameters_fail(rank: int, world: int) -> None:
+    loader = torch.utils.data.DataLoader(ContractBatches(16), batch_size=2, collate_fn=_text_only)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DDPOffloadStrategy(offload=["model.embed.patches"]),
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match=r"streamed parameters got no gradient in this backward "
+                                           r"\(model\.embed\.patches\."):
+        trainer.fit(fit_script.make_module(), loader)
+
+
+@linux_only
+def test_a_streamed_parameter_without_a_gradient_is_named_not_a_hang() -> None:
+    """Text-only batches leave the streamed patch embedding without gradients: the step stops with its name (the
+    ranks' all-reduces would otherwise pair up with the wrong tensors). Two ranks forked by the test, Lightning
+    joining their process group."""
+    spawn(_check_unused_streamed_parameters_fail, 2)
+    with pytest.raises(ValueError, match="does not take gpu_step_window"):
+        DDPOffloadStrategy(gpu_step_window="8GB")
+
+
 @pytest.mark.parametrize("kwargs", [{"devices": 2}, {"devices": 1, "num_nodes": 2}])
 def test_single_device_offload_refuses_several_devices_and_names_the_data_parallel_form(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=r"DDPOffloadStrategy \(strategy: m6_offload_ddp"):

@@ -87,6 +87,9 @@ class DDPOffloadStrategy(SelectiveOffloadStrategy, DDPStrategy):
                  checkpoint_io: Any = None, precision_plugin: Any = None, process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout, start_method: str = "popen",
                  **ddp_kwargs: Any) -> None:
+        if "gpu_step_window" in ddp_kwargs:
+            raise ValueError("DDPOffloadStrategy does not take gpu_step_window yet: every offloaded unit steps on the "
+                             "host engine (use SelectiveOffloadStrategy on one device for the GPU step window)")
         if reduce_dtype not in REDUCE_DTYPES:
             raise ValueError(f"DDPOffloadStrategy.reduce_dtype={reduce_dtype!r}: choose one of {REDUCE_DTYPES}")
         super().__init__(offload=offload, gpu_memory_budget=gpu_memory_budget, host_memory_budget=host_memory_budget,
@@ -177,6 +180,22 @@ class DDPOffloadStrategy(SelectiveOffloadStrategy, DDPStrategy):
                     buf.record_stream(torch.cuda.current_stream(buf.device))
             return grad
         return finish
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        """Every streamed parameter that trains must have had its gradient averaged in this backward: the ranks issue
+        their all-reduces in the order autograd finishes the gradients, so one that a rank skips would pair the other
+        ranks' collectives with the wrong tensors (the streamed counterpart of DDP's unused-parameter error)."""
+        super().post_backward(closure_loss)
+        streamer = self.streamer
+        if streamer is None or streamer.reduce_grad is None:
+            return
+        missing = [f"{u.name}.{g.names[i]}" for u in streamer.units for g in u.groups
+                   for i, p in enumerate(g.params) if id(p) in u.pending]
+        if missing:
+            raise RuntimeError(f"DDPOffloadStrategy: {len(missing)} streamed parameters got no gradient in this backward "
+                               f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); every rank must "
+                               f"average the same gradients. Keep them resident (out of `offload`) with "
+                               f"find_unused_parameters: true, or freeze them (requires_grad=False)")
 
     def total_grad_norm(self) -> Tensor | None:
         """The global gradient norm: the streamed gradients' norms were taken from their averages on the copy
