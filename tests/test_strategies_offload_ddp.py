@@ -1,8 +1,9 @@
 """DDPOffloadStrategy on two gloo CPU ranks (Lightning's launcher starts the second rank of
 tests/scripts/offload_ddp_fit.py; Lightning's DistributedSampler splits the data), against one process.
 
-- Two ranks × batch 2, block 1 streamed (blocks 1-3 after a delink at step 2), clipping that triggers, equal **bitwise**
-  one process × two accumulated micro-batches of 2 over the same samples, and the ranks stay identical at every step.
+- Two ranks × batch 2, block 1 streamed (blocks 1-3 after a delink at step 2), clipping that triggers: equal
+  **bitwise** to one process × two accumulated micro-batches of 2 over the same samples, and the ranks stay identical
+  at every step.
   That reference is the exact equivalent: each rank's loss is its micro-batch's token mean, and DDP averages the
   gradients, (g0 + g1) / 2, which is what accumulation computes, g0 / 2 + g1 / 2 (halving is exact in floating point,
   and a sum of two is the same either way round). One process with a batch of 4 is not bitwise: each weight gradient
@@ -24,7 +25,7 @@ import lightning as L
 import pytest
 import torch
 from _dist import spawn
-from _fakes import ContractBatches, LossRecorder, collate
+from _fakes import ContractBatches, LossRecorder, collate, tiny_config
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -32,6 +33,7 @@ from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from m6lit.callbacks import PseudoToReal
+from m6lit.module import M6LitModule
 from m6lit.strategies import DDPOffloadStrategy, SelectiveOffloadStrategy
 
 HERE = Path(__file__).parent
@@ -69,12 +71,16 @@ class _StepStates(L.Callback):
             self.states[trainer.global_step] = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
 
 
-def _one_process_reference(accelerator: str = "cpu", precision: str = "32-true", accumulate: int = 1, steps: int = STEPS,
-                           delink: bool = True) -> tuple[list[list[float]], dict[int, dict[str, torch.Tensor]]]:
+Losses = list[list[float]]
+States = dict[int, dict[str, torch.Tensor]]
+
+
+def _one_process_reference(accelerator: str = "cpu", precision: str = "32-true", accumulate: int = 1,
+                           steps: int = STEPS, delink: bool = True) -> tuple[Losses, States]:
     """Resident training in this process: micro-batches of 2 in the order two ranks' DistributedSamplers (Lightning
     shuffles training data, seed 0) hand them out — rank 0's batch, then rank 1's — accumulated over both ranks'
-    `accumulate` micro-batches. Returns the per-micro-batch losses of each rank's samples (undoing Lightning's division by the
-    accumulation) and the parameters after each step."""
+    `accumulate` micro-batches. Returns the per-micro-batch losses of each rank's samples (undoing Lightning's
+    division by the accumulation) and the parameters after each step."""
     data = ContractBatches(64)
     ranks = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     b = fit_script.BATCH
@@ -193,6 +199,26 @@ def _check_reduce(rank: int, world: int) -> None:
 @linux_only
 def test_streamed_gradients_average_in_the_configured_dtype() -> None:
     spawn(_check_reduce, 2)
+
+
+def _check_replicas_start_from_rank_zero(rank: int, world: int) -> None:
+    torch.manual_seed(rank)  # a different initialisation on every rank
+    module = M6LitModule(tiny_config(num_unique_blocks=2), warmup_steps=1)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=DDPOffloadStrategy(offload=fit_script.OFFLOAD),
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(module, torch.utils.data.DataLoader(ContractBatches(16), batch_size=2, collate_fn=collate))
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    every = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(every, flat)
+    assert all(torch.equal(every[0], other) for other in every[1:]), "replicas differ after a step"
+
+
+@linux_only
+def test_replicas_start_from_rank_zeros_parameters() -> None:
+    """Ranks initialised with different seeds train identical replicas: rank 0's parameters (streamed ones
+    included) are broadcast before placement. Two ranks forked by the test, Lightning joining their process group."""
+    spawn(_check_replicas_start_from_rank_zero, 2)
 
 
 def _text_only(rows: list[dict]) -> dict:

@@ -134,10 +134,11 @@ class DDPOffloadStrategy(SelectiveOffloadStrategy, DDPStrategy):
         device = self.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
-                moved = tensor.data.to(device)
+                data = tensor.data
+                moved = data.to(device)  # NCCL broadcasts device tensors; a host model goes through a device copy
                 dist.broadcast(moved, src=0)
-                if moved is not tensor.data:
-                    tensor.data.copy_(moved)
+                if moved is not data:
+                    data.copy_(moved)
 
     def _place(self, module: LightningModule) -> None:
         super()._place(module)
@@ -192,9 +193,9 @@ class DDPOffloadStrategy(SelectiveOffloadStrategy, DDPStrategy):
         missing = [f"{u.name}.{g.names[i]}" for u in streamer.units for g in u.groups
                    for i, p in enumerate(g.params) if id(p) in u.pending]
         if missing:
-            raise RuntimeError(f"DDPOffloadStrategy: {len(missing)} streamed parameters got no gradient in this backward "
-                               f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); every rank must "
-                               f"average the same gradients. Keep them resident (out of `offload`) with "
+            raise RuntimeError(f"DDPOffloadStrategy: {len(missing)} streamed parameters got no gradient in this "
+                               f"backward ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); every "
+                               f"rank must average the same gradients. Keep them resident (out of `offload`) with "
                                f"find_unused_parameters: true, or freeze them (requires_grad=False)")
 
     def total_grad_norm(self) -> Tensor | None:

@@ -71,7 +71,8 @@ def main() -> None:
                                          filename="{step}"))
     trainer = L.Trainer(accelerator=env.get("M6LIT_ACCELERATOR", "cpu"), devices=2, strategy=strategy,
                         precision=env.get("M6LIT_PRECISION", "32-true"),
-                        accumulate_grad_batches=int(env.get("M6LIT_ACCUMULATE", "1")), max_steps=int(env["M6LIT_STEPS"]),
+                        accumulate_grad_batches=int(env.get("M6LIT_ACCUMULATE", "1")),
+                        max_steps=int(env["M6LIT_STEPS"]),
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(env.get("M6LIT_CKPT_DIR")), deterministic=True,
                         gradient_clip_val=CLIP, callbacks=callbacks, plugins=[CountingIO()])
