@@ -114,6 +114,10 @@ def _explicit_config_keys(argv: list[str]) -> list[str]:
     return keys
 
 
+_SHORT_NAMES = {"m6_offload": "m6lit.strategies.SelectiveOffloadStrategy",
+                "m6_offload_ddp": "m6lit.strategies.DDPOffloadStrategy"}
+
+
 def _strategy_short_name_with_options(argv: list[str]) -> list[str]:
     """`--trainer.strategy m6_offload --trainer.strategy.<option> ...`: a registered short name is a plain string to
     the parser, which then has nowhere to put the options; name the class instead, so the options apply."""
@@ -121,10 +125,10 @@ def _strategy_short_name_with_options(argv: list[str]) -> list[str]:
         return argv
     out = list(argv)
     for i, token in enumerate(out):
-        if token == "--trainer.strategy" and i + 1 < len(out) and out[i + 1] == "m6_offload":
-            out[i + 1] = "m6lit.strategies.SelectiveOffloadStrategy"
-        elif token == "--trainer.strategy=m6_offload":
-            out[i] = "--trainer.strategy=m6lit.strategies.SelectiveOffloadStrategy"
+        if token == "--trainer.strategy" and i + 1 < len(out) and out[i + 1] in _SHORT_NAMES:
+            out[i + 1] = _SHORT_NAMES[out[i + 1]]
+        elif token.startswith("--trainer.strategy=") and token.split("=", 1)[1] in _SHORT_NAMES:
+            out[i] = "--trainer.strategy=" + _SHORT_NAMES[token.split("=", 1)[1]]
     return out
 
 

@@ -183,6 +183,7 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         self.micro_batch_tokens = micro_batch_tokens
         self._explicit_device = device is not None
         self.parallel_devices: list[torch.device] | None = None
+        self.num_nodes = 1  # set by the Trainer, like parallel_devices; more than one is refused (_configure_launcher)
         self.streamer: ParamStreamer | None = None
         self.plan: OffloadPlan | None = None
         self.step_stats: list[dict[str, float]] = []
@@ -225,6 +226,18 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         if self.parallel_devices:
             return self.parallel_devices[0]
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _configure_launcher(self) -> None:
+        """The Trainer calls this once `devices` and `num_nodes` are known: this strategy runs one process on one
+        device, so asking for more is an error (not a silent single process)."""
+        devices = len(self.parallel_devices or [])
+        if devices > 1 or self.num_nodes > 1:
+            raise ValueError(f"SelectiveOffloadStrategy trains one process on one device, but the Trainer asks for "
+                             f"devices={devices} and num_nodes={self.num_nodes}. For several devices use its "
+                             f"data-parallel form DDPOffloadStrategy (strategy: m6_offload_ddp, or class_path: "
+                             f"m6lit.strategies.DDPOffloadStrategy), which takes the same offload arguments; or set "
+                             f"trainer.devices: 1 and trainer.num_nodes: 1")
+        super()._configure_launcher()
 
     @contextmanager
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:

@@ -23,6 +23,7 @@ storage is a second CPU buffer, so every path is testable on any machine.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,8 @@ class ParamStreamer:
         self.accumulate = accumulate
         self.delayed = delayed and lean
         self.on_unit_grads: Callable[[StreamUnit], None] | None = None
+        # data parallel: starts a gradient's average over ranks, returns what waits for it (see `_average`)
+        self.reduce_grad: Callable[[Tensor], Callable[[], Tensor]] | None = None
         self.device_grad_units: set[int] = set()  # units whose gradients stay on the device (GPU step window)
         self.units: list[StreamUnit] = []
         self.stats = StreamStats()
@@ -645,7 +648,9 @@ class ParamStreamer:
         target = g.target if g.target is not None else self._choose_target(unit, g)
         view = target[g.offsets[i]:g.offsets[i] + p.numel()].view(p.shape)
         grad = p.grad
-        if self.lean and not self.accumulate:
+        if self.reduce_grad is not None:
+            grad = self._average(grad, g, i)
+        elif self.lean and not self.accumulate:
             g.norms[i] = self._norm(grad)
         if self.cuda:
             self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -664,6 +669,20 @@ class ParamStreamer:
             self._release(unit)
             if self.lean:
                 self._report_grads(unit)
+
+    def _average(self, grad: Tensor, g: _Group, i: int) -> Tensor:
+        """Data parallel: start the gradient's all-reduce (`reduce_grad`), then wait for it and take the norm of the
+        average. Under CUDA both happen on the copy stream, so the compute stream goes on with backward while the
+        collective runs; on the CPU path the wait blocks."""
+        assert self.reduce_grad is not None
+        finish = self.reduce_grad(grad)
+        if self.cuda:
+            self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream) if self.cuda else contextlib.nullcontext():
+            grad = finish()
+            if self.lean and not self.accumulate:
+                g.norms[i] = self._norm(grad)
+        return grad
 
     def _keep_on_device(self, unit: StreamUnit, g: _Group, i: int, p: Tensor) -> None:
         """GPU step window: the gradient stays on the device, upcast into the unit's fp32 device buffer."""
