@@ -160,6 +160,11 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
         out.append(Candidate(f"all {mode}", "all", mode))
     if args.batch % 2 == 0:
         out.append(Candidate("plan+ckpt accumulate 2 exact", "plan", "exact", checkpointing=True, accumulate=2))
+    if args.candidates is not None:
+        unknown = set(args.candidates) - {c.name for c in out}
+        if unknown:
+            raise ValueError(f"--candidates: unknown {sorted(unknown)}; choose from {[c.name for c in out]}")
+        out = [c for c in out if c.name in args.candidates]
     return out
 
 
@@ -193,11 +198,13 @@ class Clock(L.Callback):
 
     def __init__(self, label: str, train_s: float, every_s: float, val_batches: list[dict[str, torch.Tensor]],
                  micro_tokens: int, deadline: float, warmup_steps: int = 10, min_steps: int = 0,
-                 evaluate: bool = True) -> None:
+                 evaluate: bool = True, untimed_batches: int = 0) -> None:
         self.label, self.train_s, self.every_s = label, train_s, every_s
         self.val_batches, self.micro_tokens, self.deadline = val_batches, micro_tokens, deadline
         self.warmup_steps, self.min_steps, self.evaluate_during = warmup_steps, min_steps, evaluate
+        self.untimed_batches = untimed_batches  # probes: warm-up batches that do not count towards `train_s`
         self.train_time = 0.0
+        self.timed_time = 0.0
         self.tokens = 0
         self.points: list[dict[str, float]] = []
         self.batches: list[dict[str, Any]] = []  # per micro-batch: phase, seconds, step after it
@@ -238,15 +245,21 @@ class Clock(L.Callback):
             self.delink_s = now - self.switch.mark
             self.delink_at_s = self.train_time + dt
         self.train_time += dt
+        if len(self.batches) >= self.untimed_batches:
+            self.timed_time += dt
         self.tokens += self.micro_tokens
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
         self.batches.append({"phase": self._phase, "s": dt, "delink_s": self.delink_s if delinked_now else 0.0,
                              "step": trainer.global_step})
-        stop = stepped and trainer.global_step >= self.min_steps and self.train_time >= self.train_s
+        stop = stepped and trainer.global_step >= self.min_steps and self.timed_time >= self.train_s
         if stepped and now >= self.deadline:
             stop, self.cut_short = True, self.train_time < self.train_s
         if stepped and ((self.evaluate_during and self.train_time >= self._next_eval) or stop):
+            if not self.evaluate_during:  # a probe: the first evaluation pays any compilation, time the second
+                self.evaluate(trainer, pl_module, quiet=True)
+                self.eval_s.clear()
+                self.points.clear()
             self.evaluate(trainer, pl_module)
             self._next_eval = self.train_time + self.every_s
         if stop:
@@ -254,7 +267,7 @@ class Clock(L.Callback):
         self._last = time.perf_counter()
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, quiet: bool = False) -> None:
         start = time.perf_counter()
         streamer = getattr(trainer.strategy, "streamer", None)
         if streamer is not None:
@@ -277,8 +290,9 @@ class Clock(L.Callback):
         self.eval_s.append(time.perf_counter() - start - charged)
         self.points.append({"train_s": self.train_time, "step": trainer.global_step, "tokens": self.tokens,
                             "val_loss": loss, "phase": self._phase_now(pl_module)})
-        log(f"  {self.label}: t={self.train_time:6.1f}s step={trainer.global_step:5d} tokens={self.tokens:>9,} "
-            f"val={loss:.4f} ({self.points[-1]['phase']})")
+        if not quiet:
+            log(f"  {self.label}: t={self.train_time:6.1f}s step={trainer.global_step:5d} tokens={self.tokens:>9,} "
+                f"val={loss:.4f} ({self.points[-1]['phase']})")
 
     @staticmethod
     def _phase_now(pl_module: L.LightningModule) -> str:
@@ -328,7 +342,8 @@ def offload_counters(strategy: SelectiveOffloadStrategy, steps: int) -> dict[str
             out[key] = statistics.mean(values) if values else None
     plan = strategy.plan
     if plan is not None:
-        out.update({"offloaded_modules": len(plan.offload), "offloaded_params": plan.estimate.offloaded_params,
+        out.update({"offloaded_modules": len(plan.offload), "offloaded_names": list(plan.offload),
+                    "offloaded_params": plan.estimate.offloaded_params,
                     "resident_params": plan.estimate.resident_params,
                     "estimated_gpu_bytes": plan.estimate.gpu_total, "estimated_host_bytes": plan.estimate.host_total})
     out.update({"redo_units": strategy.redo_units, "speculated_units": strategy.speculated_units,
@@ -347,8 +362,8 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
     real_from_start = unique is None
     checkpointing = candidate.checkpointing and real_from_start
     micro = args.batch // candidate.accumulate
-    clock = Clock(label, train_s, every_s, data["val"], micro * args.seq, deadline,
-                  min_steps=warmup_batches + 2, evaluate=evaluate)
+    clock = Clock(label, train_s, every_s, data["val"], micro * args.seq, deadline, min_steps=warmup_batches + 2,
+                  evaluate=evaluate, untimed_batches=warmup_batches * candidate.accumulate)
     result: dict[str, Any] = {"label": label, "seed": seed, "candidate": dataclasses.asdict(candidate),
                               "delink_step": delink_step, "planned_train_s": train_s}
     strategy = None
@@ -515,7 +530,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time_budget", type=float, default=None, help="seconds for the whole script (default 520; "
                    "quick 55)")
-    p.add_argument("--gpu_cap_gb", type=float, default=36.0, help="GPU memory cap (set_per_process_memory_fraction)")
+    p.add_argument("--gpu_cap_gb", type=float, default=38.0, help="GPU memory cap (set_per_process_memory_fraction)")
     p.add_argument("--plan_fraction", type=float, default=0.9, help="gpu_memory_budget of 'plan' = this x the cap")
     p.add_argument("--d_model", type=int, default=2560)
     p.add_argument("--layers", type=int, default=32)
@@ -532,7 +547,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--probe_share", type=float, default=0.25, help="share of the time budget for all probes")
     p.add_argument("--evals", type=int, default=12, help="evaluations per arm")
     p.add_argument("--val_batches", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (slicing a byte tensor needs none)")
+    p.add_argument("--candidates", nargs="+", default=None, help="probe only these Real Giant configurations "
+                   "(names as printed, e.g. 'plan+ckpt delayed')")
     p.add_argument("--reserve_s", type=float, default=15.0, help="seconds kept for the table, JSON and plot")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="tiny model on the CPU (< 60 s): exercises every phase")
@@ -569,7 +586,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
               "pseudo_fits_estimate": est["pseudo_resident_gpu_bytes"] <= cap,
               "delink_peak_fits_estimate": est["delink_peak_bytes"] <= cap}
     log(f"cap {cap / GB:.1f} GB ({'applied' if cap_applied else 'planning only, no CUDA'}); Real Giant "
-        f"{est['real_params'] / 1e9:.2f} B params, weights+grads+Adam {est['real_weights_grads_adam_bytes'] / GB:.1f} GB, "
+        f"{est['real_params'] / 1e9:.2f} B params, weights+grads+Adam "
+        f"{est['real_weights_grads_adam_bytes'] / GB:.1f} GB, "
         f"resident estimate {est['real_resident_gpu_bytes'] / GB:.1f} GB (checkpointed "
         f"{est['real_resident_ckpt_gpu_bytes'] / GB:.1f}); Pseudo Giant {est['pseudo_params'] / 1e9:.3f} B, estimate "
         f"{est['pseudo_resident_gpu_bytes'] / GB:.1f} GB; delink peak {est['delink_peak_bytes'] / GB:.1f} GB")
@@ -598,8 +616,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     probe_every = 1e9
     resident = Candidate("pseudo resident", "none")
     pseudo = run("pseudo resident", args, data, resident, cap, seed=0, unique=args.pseudo_blocks,
-                 train_s=args.probe_s, deadline=time.perf_counter() + args.probe_s * 4 + 20, every_s=probe_every,
-                 evaluate=False, warmup_batches=2)
+                 train_s=args.probe_s, deadline=time.perf_counter() + args.probe_s * 4 + 30, every_s=probe_every,
+                 evaluate=False, warmup_batches=3)
     record["probes"].append(pseudo)
     real_probes: list[tuple[Candidate, dict[str, Any]]] = []
     for cand in candidates(args):
@@ -608,9 +626,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             row = {"label": f"real {cand.name}", "ok": False, "skipped": "probe budget spent",
                    "candidate": dataclasses.asdict(cand)}
         else:
+            deadline = min(time.perf_counter() + args.probe_s * 4 + 30, STARTED + probe_end + 10)
             row = run(f"real {cand.name}", args, data, cand, cap, seed=0, unique=None, train_s=args.probe_s,
-                      deadline=time.perf_counter() + args.probe_s * 4 + 30, every_s=probe_every, evaluate=False,
-                      warmup_batches=2)
+                      deadline=deadline, every_s=probe_every, evaluate=False, warmup_batches=2)
         record["probes"].append(row)
         real_probes.append((cand, row))
         save()
@@ -653,16 +671,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         + " / ".join(f"{v:.2f}" for v in prediction.values()))
     save()
 
-    # ---- 2. arms
-    for seed in args.seeds:
-        for kind in ("scratch", "p2r"):
-            slot_end = time.perf_counter() + per_arm - teardown_s
-            arm = run(f"{kind} seed{seed}", args, data, best, cap, seed=seed,
-                      unique=None if kind == "scratch" else args.pseudo_blocks, train_s=train_s,
-                      deadline=slot_end, every_s=train_s / args.evals,
-                      delink_step=delink_step if kind == "p2r" else None)
-            record["arms"].append(arm)
-            save()
+    # ---- 2. arms: fixed wall slots, so a slow arm shortens the next one instead of the script overrunning
+    arms_start = time.perf_counter()
+    order = [(seed, kind) for seed in args.seeds for kind in ("scratch", "p2r")]
+    for i, (seed, kind) in enumerate(order):
+        slot_end = arms_start + (i + 1) * per_arm - teardown_s
+        if slot_end - time.perf_counter() < 0.5 * per_arm:
+            record["arms"].append({"label": f"{kind} seed{seed}", "seed": seed, "ok": False,
+                                   "error": "skipped: its wall slot was mostly spent by the arms before it"})
+            continue
+        arm = run(f"{kind} seed{seed}", args, data, best, cap, seed=seed,
+                  unique=None if kind == "scratch" else args.pseudo_blocks, train_s=train_s, deadline=slot_end,
+                  every_s=train_s / args.evals, delink_step=delink_step if kind == "p2r" else None)
+        record["arms"].append(arm)
+        save()
 
     # ---- 3. outcome
     record["outcome"] = decide(record["arms"])
