@@ -5,37 +5,44 @@ Setup. A dense byte-level GPT (default d_model 2560, 32 layers, SwiGLU d_ff 6912
 parameters as the Real Giant; the Pseudo Giant runs its 32 layers on 2 shared blocks in a cycle, 0.16 B unique
 parameters). Data: the Python standard library's own source files, held-out files for validation
 (`p2r_convergence.stdlib_bytes`). One batch for every arm and phase: 6 x 1024 bytes per optimizer step. The GPU is
-capped with `torch.cuda.set_per_process_memory_fraction` at `--gpu_cap_gb` (default 36 GB): the Real Giant's
-weights, gradients and fp32 AdamW state alone are 16 B/param = 40.6 GB, so it cannot be trained resident; the
-Pseudo Giant (2.9 GB of state plus its activations) fits with room to spare. The cap cannot go much lower: the
-delink materialises the Real Giant's weights and its copied Adam moments on the GPU (12 B/param = 30.5 GB) before
-the strategy re-plans the placement.
+capped with `torch.cuda.set_per_process_memory_fraction` at `--gpu_cap_gb` (default 38 GB): the Real Giant's fp32
+weights, gradients and AdamW state alone are 16 B/param = 40.6 GB (45.7 GB with the bf16 autocast copies), so it
+cannot train resident, not even with every block checkpointed; the Pseudo Giant (2.9 GB of state plus its
+activations, ~27 GB by the strategy's conservative estimate) fits. The cap cannot go much lower: the delink
+materialises the Real Giant's weights and its copied Adam moments on the GPU (12 B/param = 30.5 GB, 33.4 GB with
+the Pseudo Giant's state) before the strategy re-plans the placement and moves the streamed blocks to the host.
 
 Phases, in order, every one budgeted from `--time_budget` (default 520 s; progress lines carry the elapsed time):
-1. Throughput probes (about a quarter of the budget, each a few seconds after two warm-up steps): the Pseudo Giant
-   resident, then the Real Giant under the cap in several ways — every other block streamed ("half") or every block
-   but the first two ("all") by SelectiveOffloadStrategy, or the strategy's own plan for the cap
-   (`gpu_memory_budget`), with block activation checkpointing, with gradient accumulation (same tokens per step),
-   optimizer_overlap exact or delayed. Offload patterns only name blocks >= 2, so the same configuration leaves the
-   two shared blocks resident in a Pseudo Giant and streams the real blocks once a delink creates them. The
-   fastest Real Giant configuration that ran is picked automatically; a configuration that fails (out of memory
-   under the cap) is recorded and skipped.
-2. Arms, interleaved, two seeds each: `scratch` (the Real Giant in the picked configuration from step 0) and `p2r`
-   (the Pseudo Giant resident under the same strategy for `--pseudo_share` of the arm's training time — a delink
-   step calibrated from the pseudo probe's rate —, then `PseudoToReal` with its default optimizer-state policy, the
-   strategy re-planning the offload; activation checkpointing, when the picked configuration uses it, is switched
-   on at the delink). Each arm's LR warms up over 10 steps, then follows one cosine that reaches 0 at the arm's own
-   training-time budget. Evaluation (fixed held-out batches, about 12 times per arm) is excluded from the clock,
-   except the time an evaluation's forward waited for the host engine, which the next training forward would
-   have waited (it is charged to training).
+1. Throughput probes (at most `--probe_share` of the budget; each one times `--probe_s` seconds after its warm-up
+   steps, and a second evaluation, after one that pays any compilation): the Pseudo Giant resident, then the Real
+   Giant under the cap in several ways — the strategy's own plan for the cap (`gpu_memory_budget` = 0.9 x cap),
+   every other block streamed ("half") or every block but the first two ("all"), with block activation
+   checkpointing ("ckpt"), with gradient accumulation (same tokens per optimizer step), optimizer_overlap exact
+   or delayed. Offload patterns only name blocks >= 2, so one configuration leaves the two shared blocks of a
+   Pseudo Giant resident and streams real blocks once a delink creates them. The fastest Real Giant configuration
+   that ran is picked automatically; one that fails (out of memory under the cap) is recorded and skipped, and the
+   ones that would start after the probe budget is spent are recorded as skipped.
+2. Arms, two seeds, interleaved (scratch 0, p2r 0, scratch 1, p2r 1): `scratch` (the Real Giant in the picked
+   configuration from step 0) and `p2r` (the Pseudo Giant, resident under the same strategy, for `--pseudo_share`
+   of the arm's training time — a delink step calibrated from the pseudo probe's rate —, then `PseudoToReal` with
+   its default optimizer-state policy, the strategy re-planning the offload; block activation checkpointing, when
+   the picked configuration uses it, is switched on at the delink, before the re-plan). Each arm warms the LR up
+   over 10 steps, then follows one cosine that reaches 0 at the arm's own training-time budget. Evaluation (fixed
+   held-out batches, `--evals` times per arm) is excluded from the clock, except the time its forward waited for
+   the host engine, which the next training forward would have waited (charged to training). The delink's own
+   time counts as P2R training time.
 3. The decision rule (printed first, stored in the JSON), a table, benchmarks/results/p2r_regime.json (stamped:
-   git revision or `M6LIT_GIT_REV`, torch, device) and a PNG: validation loss against training time and tokens.
+   git revision or `M6LIT_GIT_REV`, torch, device; rewritten after every probe and arm, so a partial run keeps what
+   it measured) and a PNG: validation loss against training time and against tokens, and the probe rates.
 
-Budget arithmetic (defaults, one H200): ~15 s start-up (imports, data, CUDA), probes <= 25 % of the budget
-(~125 s: ~10 s pseudo + up to 7 real configurations of ~15 s each, set-up included; the rest are skipped when the
-probe budget is spent), then the remaining ~370 s less a 15 s reserve split over 4 arms (~90 s of wall each); an arm's
-training time is its wall share minus its measured set-up (~8 s) and its evaluations (~13 x 0.6 s), i.e. ~75 s. The
-arm runs until that training time or its wall slot ends, whichever comes first, so the script cannot overrun.
+Budget arithmetic (defaults, one H200): ~15 s start-up (imports, data, CUDA); probes <= 25 % of the budget (130 s:
+~15 s for the pseudo probe including the FlexAttention compilation, ~15-22 s per Real Giant configuration with its
+set-up, host buffers and Adam state first touched in its warm-up steps: 6 of the 7 fit); the remaining ~360 s less
+a 15 s reserve for the table, JSON and plot go to 4 arms in fixed wall slots (~86 s each). An arm's training time
+is its slot minus the measured set-up (~5-8 s), teardown (~3 s) and evaluations (13 x ~0.5 s), divided by 1.05:
+~65-70 s, of which the P2R arm spends half as the Pseudo Giant (~140 steps) and half, delink included, as the Real
+Giant (~50 steps); scratch makes ~110 steps. An arm stops at its training time or at the end of its wall slot,
+whichever comes first (then flagged `cut_short`), so the script cannot overrun.
 
     python benchmarks/p2r_regime.py                              # one H200, ~520 s
     python benchmarks/p2r_regime.py --quick --out /tmp/q.json    # tiny, on the CPU, < 60 s: exercises every phase
