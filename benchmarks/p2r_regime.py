@@ -156,17 +156,18 @@ class Candidate:
 
 
 def candidates(args: argparse.Namespace) -> list[Candidate]:
-    """Real Giant configurations in the order they are probed (the likely fastest first, so a spent probe budget
-    skips the slow ones)."""
+    """Real Giant configurations in the order they are probed: by the speed predicted from the offload benchmark
+    (benchmarks/NOTES.md), so a spent probe budget skips the slowest, and a dominated one ("half+ckpt" streams more
+    blocks than "plan+ckpt" for the same recompute) comes after one "all" configuration."""
+    order = [("half", "delayed", False, 1), ("plan", "delayed", True, 1), ("half", "exact", False, 1),
+             ("plan", "exact", True, 1), ("all", "delayed", False, 1), ("plan", "exact", True, 2),
+             ("half", "delayed", True, 1), ("half", "exact", True, 1), ("all", "exact", False, 1)]
     out = []
-    for mode in args.modes:
-        out.append(Candidate(f"plan+ckpt {mode}", "plan", mode, checkpointing=True))
-    for mode in args.modes:
-        out.append(Candidate(f"half+ckpt {mode}", "half", mode, checkpointing=True))
-    for mode in args.modes:
-        out.append(Candidate(f"all {mode}", "all", mode))
-    if args.batch % 2 == 0:
-        out.append(Candidate("plan+ckpt accumulate 2 exact", "plan", "exact", checkpointing=True, accumulate=2))
+    for placement, mode, ckpt, accumulate in order:
+        if mode not in args.modes or args.batch % accumulate:
+            continue
+        name = placement + ("+ckpt" if ckpt else "") + (f" accumulate {accumulate}" if accumulate > 1 else "")
+        out.append(Candidate(f"{name} {mode}", placement, mode, checkpointing=ckpt, accumulate=accumulate))
     if args.candidates is not None:
         unknown = set(args.candidates) - {c.name for c in out}
         if unknown:
