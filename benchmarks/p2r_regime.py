@@ -24,7 +24,7 @@ Phases, in order, every one budgeted from `--time_budget` (default 520 s; progre
    ones that would start after the probe budget is spent are recorded as skipped.
 2. Arms, two seeds, interleaved (scratch 0, p2r 0, scratch 1, p2r 1): `scratch` (the Real Giant in the picked
    configuration from step 0) and `p2r` (the Pseudo Giant, resident under the same strategy, for `--pseudo_share`
-   of the arm's training time — a delink step calibrated from the pseudo probe's rate —, then `PseudoToReal` with
+   of the arm's training time — the delink runs at the first optimizer step after it —, then `PseudoToReal` with
    its default optimizer-state policy, the strategy re-planning the offload; block activation checkpointing, when
    the picked configuration uses it, is switched on at the delink, before the re-plan). Each arm warms the LR up
    over 10 steps, then follows one cosine that reaches 0 at the arm's own training-time budget. Evaluation (fixed
@@ -309,21 +309,31 @@ class Clock(L.Callback):
 
 
 class PhaseSwitch(L.Callback):
-    """Runs just before PseudoToReal on the delink batch: marks the time (the clock reports the delink's cost) and
-    switches on block activation checkpointing when the picked Real Giant configuration uses it, so the strategy's
-    re-plan inside the delink already counts the checkpointed activations."""
+    """Runs just before PseudoToReal: at the first optimizer-step boundary where the clock has reached `delink_at_s`
+    of training time it moves PseudoToReal's delink event to this step (the callback counts steps, the share is one
+    of time), marks the time (the clock reports the delink's cost), and switches on block activation checkpointing
+    when the picked Real Giant configuration uses it, so the strategy's re-plan inside the delink already counts
+    the checkpointed activations."""
 
-    def __init__(self, delink_step: int, checkpointing: bool) -> None:
-        self.delink_step, self.checkpointing = delink_step, checkpointing
+    def __init__(self, p2r: PseudoToReal, clock: Clock, delink_at_s: float, checkpointing: bool) -> None:
+        self.p2r, self.clock, self.delink_at_s, self.checkpointing = p2r, clock, delink_at_s, checkpointing
         self.mark: Optional[float] = None
+        self.step: Optional[int] = None
+        self._last_step = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.mark is None and trainer.global_step >= self.delink_step:
-            sync()
-            self.mark = time.perf_counter()
-            if self.checkpointing:
-                pl_module.model.config.activation_checkpointing = "all"
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if self.mark is not None or not stepped:
+            return
+        sync()
+        now = time.perf_counter()
+        if self.clock.train_time + (now - self.clock._last) < self.delink_at_s:
+            return
+        self.mark, self.step = now, trainer.global_step
+        self.p2r.events[0].step = trainer.global_step
+        if self.checkpointing:
+            pl_module.model.config.activation_checkpointing = "all"
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -361,8 +371,9 @@ def offload_counters(strategy: SelectiveOffloadStrategy, steps: int) -> dict[str
 
 def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: Candidate, cap_bytes: float, *,
         seed: int, unique: Optional[int], train_s: float, deadline: float, every_s: float, evaluate: bool = True,
-        delink_step: Optional[int] = None, warmup_batches: int = 0) -> dict[str, Any]:
-    """Build, train through Lightning with SelectiveOffloadStrategy (and PseudoToReal when `delink_step`), and
+        delink_at_s: Optional[float] = None, warmup_batches: int = 0) -> dict[str, Any]:
+    """Build, train through Lightning with SelectiveOffloadStrategy (and PseudoToReal, delinking once `delink_at_s`
+    of training time has passed, when given), and
     report. Exceptions (an out-of-memory under the cap) are recorded, not raised."""
     t_start = elapsed()
     cleanup()
@@ -373,7 +384,7 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
     clock = Clock(label, train_s, every_s, data["val"], micro * args.seq, deadline, min_steps=warmup_batches + 2,
                   evaluate=evaluate, untimed_batches=warmup_batches * candidate.accumulate)
     result: dict[str, Any] = {"label": label, "seed": seed, "candidate": dataclasses.asdict(candidate),
-                              "delink_step": delink_step, "planned_train_s": train_s}
+                              "delink_at_planned_s": delink_at_s, "planned_train_s": train_s}
     strategy = None
     try:
         def adamw(params: Any) -> torch.optim.Optimizer:
@@ -386,9 +397,9 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
         strategy = SelectiveOffloadStrategy(**candidate.strategy_kwargs(args, cap_bytes))
         callbacks: list[L.Callback] = []
         p2r = None
-        if delink_step is not None:
-            switch = PhaseSwitch(delink_step, candidate.checkpointing)
-            p2r = PseudoToReal(delink_step=delink_step)  # default optimizer-state policy
+        if delink_at_s is not None:
+            p2r = PseudoToReal(delink_step=2**62)  # default optimizer-state policy; PhaseSwitch sets the step
+            switch = PhaseSwitch(p2r, clock, delink_at_s, candidate.checkpointing)
             clock.switch = switch
             callbacks += [switch, p2r]
         callbacks.append(clock)
@@ -409,6 +420,7 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
             "tokens_per_s": clock.tokens / clock.train_time if clock.train_time else None,
             "timed_tokens_per_s": (len(timed) * clock.micro_tokens / sum(b["s"] for b in timed)) if timed else None,
             "phases": phases, "delink_s": clock.delink_s, "delink_at_train_s": clock.delink_at_s,
+            "delink_step": clock.switch.step if clock.switch else None,
             "cut_short": clock.cut_short, "setup_s": (clock.first_batch_at or t_start) - t_start,
             "first_batch_s": clock.batches[0]["s"] if clock.batches else None,
             "eval_s_mean": statistics.mean(clock.eval_s) if clock.eval_s else None,
@@ -663,19 +675,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         record["outcome"] = {"outcome": "INCOMPLETE", "why": f"no time left for the arms ({per_arm:.1f} s each)"}
         save()
         return record
-    delink_step = max(1, round(args.pseudo_share * train_s * r_pseudo / (args.batch * args.seq)))
+    delink_step = max(1, round(args.pseudo_share * train_s * r_pseudo / (args.batch * args.seq)))  # expected
     prediction = {f"worth_{w}": predicted_ratio(r_pseudo, r_real, args.pseudo_share, w) for w in (1.0, 0.7, 0.5)}
     record["budget"] = {"per_arm_wall_s": per_arm, "arm_train_s": train_s, "setup_s": setup_s,
                         "teardown_s": teardown_s, "eval_s": eval_s, "evaluations": args.evals + 1,
-                        "delink_step": delink_step}
+                        "delink_at_s": args.pseudo_share * train_s, "expected_delink_step": delink_step}
     record["prediction"] = {"pseudo_tokens_per_s": r_pseudo, "real_tokens_per_s": r_real,
                             "pseudo_speedup_per_token": r_pseudo / r_real, "pseudo_share": args.pseudo_share,
                             "time_ratio_if_a_pseudo_token_is_worth": prediction,
                             "note": "token-count model: loss depends only on tokens seen, a pseudo-phase token worth "
                                     "w real ones; the ratio is P2R's time to scratch's final loss / scratch's time"}
     log(f"best Real Giant configuration: {best.name} at {r_real:,.0f} tok/s; Pseudo Giant {r_pseudo:,.0f} tok/s "
-        f"({r_pseudo / r_real:.2f}x); arms: {train_s:.1f} s of training each (wall slot {per_arm:.1f} s), delink after "
-        f"step {delink_step}; predicted time ratio (w=1 / 0.7 / 0.5): "
+        f"({r_pseudo / r_real:.2f}x); arms: {train_s:.1f} s of training each (wall slot {per_arm:.1f} s), delink at "
+        f"{args.pseudo_share * train_s:.1f} s (about step {delink_step}); predicted time ratio (w=1 / 0.7 / 0.5): "
         + " / ".join(f"{v:.2f}" for v in prediction.values()))
     save()
 
@@ -690,7 +702,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             continue
         arm = run(f"{kind} seed{seed}", args, data, best, cap, seed=seed,
                   unique=None if kind == "scratch" else args.pseudo_blocks, train_s=train_s, deadline=slot_end,
-                  every_s=train_s / args.evals, delink_step=delink_step if kind == "p2r" else None)
+                  every_s=train_s / args.evals,
+                  delink_at_s=args.pseudo_share * train_s if kind == "p2r" else None)
         record["arms"].append(arm)
         save()
 

@@ -103,7 +103,8 @@ def test_quick_run_trains_both_arms_and_writes_stamped_results(tmp_path: Path) -
     assert event["p2r/loss_after"] == event["p2r/loss_before"]
     assert event["p2r/unique_params_after"] > event["p2r/unique_params_before"]
     assert p2r["offload"]["offloaded_names"] and p2r["offload"]["steps_with_streamed_units"] > 0
-    assert p2r["delink_s"] is not None and p2r["delink_at_train_s"] < p2r["train_s"]
+    assert p2r["delink_s"] is not None and p2r["delink_at_planned_s"] == pytest.approx(0.5 * p2r["planned_train_s"])
+    assert p2r["delink_at_planned_s"] <= p2r["delink_at_train_s"] < p2r["train_s"]
     assert data["outcome"]["outcome"] == "INCOMPLETE"  # one seed: the rule needs two of each
     assert data["total_s"] < 28
     assert out.with_suffix(".png").is_file()
