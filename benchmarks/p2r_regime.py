@@ -78,6 +78,7 @@ from m6lit.model import M6Config, M6Model, lm_loss  # noqa: E402
 from m6lit.module import M6LitModule  # noqa: E402
 from m6lit.strategies import SelectiveOffloadStrategy  # noqa: E402
 from m6lit.strategies.planner import plan_offload  # noqa: E402
+from m6lit.strategies.sizes import format_count  # noqa: E402
 from p2r_convergence import ByteChunks, stdlib_bytes, time_to_reach  # noqa: E402
 from stamp import stamp  # noqa: E402
 
@@ -250,6 +251,10 @@ class Clock(L.Callback):
         model = pl_module.model
         delinked_now = self._phase == "pseudo" and len(model.blocks) == model.config.num_layers
         if delinked_now and self.switch is not None and self.switch.mark is not None:
+            if DEVICE == "cuda":  # hand the pseudo phase's cached blocks back before the real phase fragments more
+                torch.cuda.empty_cache()
+                sync()
+                now = time.perf_counter()
             self.delink_s = now - self.switch.mark
             self.delink_at_s = self.train_time + dt
         self.train_time += dt
@@ -485,16 +490,18 @@ def decide(arms: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(probes: list[dict[str, Any]], arms: list[dict[str, Any]]) -> str:
-    lines = [f"{'probe':<32}{'tok/s':>10}{'peak GB':>9}{'offl. params':>14}{'engine wait s':>15}{'setup s':>9}"]
+    lines = [f"{'probe':<36}{'tok/s':>10}{'peak GB':>9}{'offl. params':>14}{'engine wait s':>15}{'setup s':>9}"]
     for p in probes:
         if not p.get("ok"):
-            lines.append(f"{p['label']:<32}  {'skipped: ' + p['skipped'] if 'skipped' in p else 'FAILED'} "
+            lines.append(f"{p['label']:<36}  {'skipped: ' + p['skipped'] if 'skipped' in p else 'FAILED'} "
                          f"{p.get('error', '')[:80]}")
             continue
         off = p["offload"]
-        lines.append(f"{p['label']:<32}{p['timed_tokens_per_s']:>10,.0f}"
-                     f"{(p['peak_gpu_reserved_bytes'] or 0) / GB:>9.1f}{off.get('offloaded_params', 0) / 1e9:>13.2f}B"
-                     f"{off.get('engine_wait_s') or 0:>15.3f}{p['setup_s']:>9.1f}")
+        lines.append(f"{p['label']:<36}{p['timed_tokens_per_s']:>10,.0f}"
+                     f"{(p['peak_gpu_reserved_bytes'] or 0) / GB:>9.1f}{format_count(off.get('offloaded_params', 0)):>14}"
+                     f"{off.get('engine_wait_s') or 0:>15.3f}{p['setup_s']:>9.1f}"
+                     + ("  <- picked" if p.get("picked") else "")
+                     + ("  (too close to the cap: not picked)" if p.get("eligible") is False else ""))
     lines.append("")
     lines.append(f"{'arm':<14}{'steps':>7}{'tokens':>11}{'train s':>9}{'pseudo tok/s':>14}{'real tok/s':>12}"
                  f"{'delink s':>10}{'final val':>11}")
@@ -529,6 +536,10 @@ def plot(arms: list[dict[str, Any]], probes: list[dict[str, Any]], path: Path, t
         axes[1].plot([p["tokens"] for p in a["points"]], ys, style, color=colors.get(kind), label=a["label"])
         if a.get("delink_at_train_s") is not None:
             axes[0].axvline(a["delink_at_train_s"], color="grey", lw=0.6, ls=":")
+    finals = [a["final_val_loss"] for a in arms if a.get("ok") and a["label"].startswith("scratch")]
+    if finals:
+        for ax in axes[:2]:
+            ax.axhline(statistics.mean(finals), color="grey", lw=0.8, ls="--", label="target (scratch mean final)")
     axes[0].set_xlabel("training time (s, evaluation excluded)")
     axes[1].set_xlabel("tokens (bytes) seen")
     for ax in axes[:2]:
@@ -552,6 +563,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    "quick 55)")
     p.add_argument("--gpu_cap_gb", type=float, default=38.0, help="GPU memory cap (set_per_process_memory_fraction)")
     p.add_argument("--plan_fraction", type=float, default=0.9, help="gpu_memory_budget of 'plan' = this x the cap")
+    p.add_argument("--max_fill", type=float, default=0.92, help="a probe whose peak allocated GPU memory passed this "
+                   "share of the cap is not picked (a longer run fragments more)")
     p.add_argument("--d_model", type=int, default=2560)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--heads", type=int, default=20)
@@ -573,12 +586,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--reserve_s", type=float, default=15.0, help="seconds kept for the table, JSON and plot")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="tiny model on the CPU (< 60 s): exercises every phase")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # tiny defaults; explicit flags still win
+        p.set_defaults(d_model=64, layers=4, heads=4, d_ff=512, seq=64, batch=4, probe_s=0.2, evals=4, val_batches=2,
+                       reserve_s=3.0, probe_share=0.45, plan_fraction=1.0, time_budget=55.0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.d_model, args.layers, args.heads, args.d_ff, args.seq, args.batch = 64, 4, 4, 512, 64, 4
-        args.probe_s, args.evals, args.val_batches, args.workers, args.reserve_s = 0.2, 4, 2, 0, 3.0
-        args.probe_share, args.plan_fraction = 0.45, 1.0
-        args.time_budget = args.time_budget or 55.0
     args.time_budget = args.time_budget or 520.0
     return args
 
@@ -587,6 +598,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse(argv)
     out = args.out or (RESULTS.with_name("p2r_regime_quick.json") if args.quick else RESULTS)
     torch.set_float32_matmul_precision("high")
+    if args.quick:
+        torch.set_num_threads(1)  # tiny shapes: spinning intra-op threads only slow a shared CPU down
     meta = stamp()
     print("Decision rule (fixed before running):\n  " + RULE, flush=True)
     est = estimates(args)
@@ -652,13 +665,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         record["probes"].append(row)
         real_probes.append((cand, row))
         save()
-    ran = [(c, p) for c, p in real_probes if p.get("ok")]
+    ran = []
+    for c, p in real_probes:  # eligible: ran, and left headroom under the cap for a longer run's fragmentation
+        peak = p.get("peak_gpu_allocated_bytes")
+        p["eligible"] = bool(p.get("ok")) and (peak is None or not cap_applied or peak <= args.max_fill * cap)
+        if p["eligible"]:
+            ran.append((c, p))
     if not pseudo.get("ok") or not ran:
-        record["outcome"] = {"outcome": "INCOMPLETE", "why": "the pseudo probe or every real probe failed"}
-        save()
-        print(table(record["probes"], []))
-        return record
+        record["outcome"] = {"outcome": "INCOMPLETE", "why": "the pseudo probe or every real probe failed (or "
+                                                            f"filled more than {args.max_fill:.0%} of the cap)"}
+        return finish(record, out, cap, meta, save)
     best, best_probe = max(ran, key=lambda cp: cp[1]["timed_tokens_per_s"])
+    best_probe["picked"] = True
     r_pseudo, r_real = pseudo["timed_tokens_per_s"], best_probe["timed_tokens_per_s"]
     record["best_real"] = {"name": best.name, "candidate": dataclasses.asdict(best), "tokens_per_s": r_real,
                            "strategy": best.strategy_kwargs(args, cap)}
@@ -673,8 +691,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train_s = (per_arm - setup_s - teardown_s - (args.evals + 1) * eval_s) / 1.05
     if train_s <= 0:
         record["outcome"] = {"outcome": "INCOMPLETE", "why": f"no time left for the arms ({per_arm:.1f} s each)"}
-        save()
-        return record
+        return finish(record, out, cap, meta, save)
     delink_step = max(1, round(args.pseudo_share * train_s * r_pseudo / (args.batch * args.seq)))  # expected
     prediction = {f"worth_{w}": predicted_ratio(r_pseudo, r_real, args.pseudo_share, w) for w in (1.0, 0.7, 0.5)}
     record["budget"] = {"per_arm_wall_s": per_arm, "arm_train_s": train_s, "setup_s": setup_s,
@@ -709,10 +726,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # ---- 3. outcome
     record["outcome"] = decide(record["arms"])
+    return finish(record, out, cap, meta, save)
+
+
+def finish(record: dict[str, Any], out: Path, cap: float, meta: dict[str, Any], save: Any) -> dict[str, Any]:
+    """Table, outcome lines, PNG and the final JSON (also after an early stop)."""
     save()
     print("\n" + table(record["probes"], record["arms"]))
     o = record["outcome"]
-    print(f"\nOutcome under the rule: {o['outcome']}")
+    print(f"\nOutcome under the rule: {o['outcome']}" + (f" ({o['why']})" if "why" in o else ""))
     for s in o.get("per_seed", []):
         ratio = f"{s['ratio']:.2f}" if s["ratio"] is not None else "not reached"
         print(f"  seed {s['seed']}: time to scratch's mean final loss {o['target_val_loss']:.4f}: {ratio} "

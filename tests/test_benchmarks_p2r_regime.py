@@ -80,9 +80,9 @@ def test_offload_patterns_leave_the_pseudo_blocks_resident() -> None:
 def test_quick_run_trains_both_arms_and_writes_stamped_results(tmp_path: Path) -> None:
     out = tmp_path / "quick.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "M6LIT_GIT_REV": "abc1234"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "p2r_regime.py"), "--quick", "--time_budget",
-                           "28", "--seeds", "0", "--candidates", "plan+ckpt delayed", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "benchmarks" / "p2r_regime.py"), "--quick", "--time_budget", "28",
+               "--seeds", "0", "--candidates", "plan+ckpt delayed", "--evals", "3", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.startswith("Decision rule (fixed before running)")
     data = json.loads(out.read_text())
