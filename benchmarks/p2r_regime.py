@@ -497,8 +497,9 @@ def table(probes: list[dict[str, Any]], arms: list[dict[str, Any]]) -> str:
                          f"{p.get('error', '')[:80]}")
             continue
         off = p["offload"]
+        offloaded = format_count(off.get("offloaded_params", 0))
         lines.append(f"{p['label']:<36}{p['timed_tokens_per_s']:>10,.0f}"
-                     f"{(p['peak_gpu_reserved_bytes'] or 0) / GB:>9.1f}{format_count(off.get('offloaded_params', 0)):>14}"
+                     f"{(p['peak_gpu_reserved_bytes'] or 0) / GB:>9.1f}{offloaded:>14}"
                      f"{off.get('engine_wait_s') or 0:>15.3f}{p['setup_s']:>9.1f}"
                      + ("  <- picked" if p.get("picked") else "")
                      + ("  (too close to the cap: not picked)" if p.get("eligible") is False else ""))
