@@ -378,8 +378,8 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
         seed: int, unique: Optional[int], train_s: float, deadline: float, every_s: float, evaluate: bool = True,
         delink_at_s: Optional[float] = None, warmup_batches: int = 0) -> dict[str, Any]:
     """Build, train through Lightning with SelectiveOffloadStrategy (and PseudoToReal, delinking once `delink_at_s`
-    of training time has passed, when given), and
-    report. Exceptions (an out-of-memory under the cap) are recorded, not raised."""
+    of training time has passed, when given) and report. Exceptions (an out-of-memory under the cap) are recorded,
+    not raised."""
     t_start = elapsed()
     cleanup()
     torch.manual_seed(seed)
@@ -686,7 +686,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     n_arms = 2 * len(args.seeds)
     per_arm = (args.time_budget - elapsed() - args.reserve_s) / n_arms
     eval_s = max(best_probe.get("eval_s_mean") or 0.0, pseudo.get("eval_s_mean") or 0.0)
-    setup_s = max(best_probe["setup_s"], pseudo["setup_s"]) + max(best_probe["first_batch_s"] or 0.0, 0.0)
+    setup_s = max(best_probe["setup_s"], pseudo["setup_s"])  # the first batch counts as training time
     teardown_s = max(best_probe["wall_s"] - best_probe["setup_s"] - best_probe["train_s"]
                      - (best_probe.get("eval_s_mean") or 0.0), 1.0)
     train_s = (per_arm - setup_s - teardown_s - (args.evals + 1) * eval_s) / 1.05
