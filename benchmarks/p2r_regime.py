@@ -299,6 +299,7 @@ class Clock(L.Callback):
             streamer.begin_pass()
             charged = streamer.collect_stats().engine_wait_s  # the next training forward would have waited this
         self.train_time += charged
+        self.timed_time += charged
         self.charged_s += charged
         self.eval_s.append(time.perf_counter() - start - charged)
         self.points.append({"train_s": self.train_time, "step": trainer.global_step, "tokens": self.tokens,
