@@ -20,8 +20,9 @@ Phases, in order, every one budgeted from `--time_budget` (default 520 s; progre
    checkpointing ("ckpt"), with gradient accumulation (same tokens per optimizer step), optimizer_overlap exact
    or delayed. Offload patterns only name blocks >= 2, so one configuration leaves the two shared blocks of a
    Pseudo Giant resident and streams real blocks once a delink creates them. The fastest Real Giant configuration
-   that ran is picked automatically; one that fails (out of memory under the cap) is recorded and skipped, and the
-   ones that would start after the probe budget is spent are recorded as skipped.
+   that ran with its peak allocated memory within `--max_fill` (92 %) of the cap is picked automatically; one that
+   fails (out of memory under the cap) is recorded and skipped, and the ones that would start after the probe
+   budget is spent are recorded as skipped.
 2. Arms, two seeds, interleaved (scratch 0, p2r 0, scratch 1, p2r 1): `scratch` (the Real Giant in the picked
    configuration from step 0) and `p2r` (the Pseudo Giant, resident under the same strategy, for `--pseudo_share`
    of the arm's training time — the delink runs at the first optimizer step after it —, then `PseudoToReal` with
