@@ -441,6 +441,9 @@ def run(label: str, args: argparse.Namespace, data: dict[str, Any], candidate: C
         traceback.print_exc()
         result.update({"ok": False, "error": f"{type(err).__name__}: {str(err)[:400]}",
                        "train_s": clock.train_time, "points": clock.points})
+        # the traceback's frames hold the failed run's module, optimizer and activations: free them, or every
+        # later probe starts with that memory still allocated under the cap
+        traceback.clear_frames(err.__traceback__)
     finally:
         strategy = None
         module = trainer = None  # noqa: F841
