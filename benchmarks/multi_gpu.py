@@ -190,7 +190,7 @@ def worker(spec_path: Path) -> None:
               "tokens_per_s": tokens / elapsed, "tokens_per_step": tokens // steps,
               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
               "host_rss_peak_bytes": _rss_peak(), "fit_s": time.perf_counter() - t_fit,
-              "losses": losses, "loss_finite": all(x == x and abs(x) != float("inf") for x in losses)}
+              "losses": losses, "env": {k: os.environ.get(k) for k in CHILD_ENV}, "loss_finite": all(x == x and abs(x) != float("inf") for x in losses)}
     Path(spec["result"]).write_text(json.dumps(result))
 
 
