@@ -193,7 +193,8 @@ def worker(spec_path: Path) -> None:
               "tokens_per_s": tokens / elapsed, "tokens_per_step": tokens // steps,
               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
               "host_rss_peak_bytes": _rss_peak(), "fit_s": time.perf_counter() - t_fit,
-              "losses": losses, "env": {k: os.environ.get(k) for k in CHILD_ENV}, "loss_finite": all(x == x and abs(x) != float("inf") for x in losses)}
+              "losses": losses, "env": {k: os.environ.get(k) for k in CHILD_ENV},
+              "loss_finite": all(x == x and abs(x) != float("inf") for x in losses)}
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -321,8 +322,9 @@ class Bench:
                                "wall_s": seconds}
         if code == 0 and result_path.exists():
             row.update(json.loads(result_path.read_text()), ok=True)
-            dense = config.get("moe_layers") == "none"
-            row["mfu"] = 6 * row["params"] * row["tokens_per_s"] / (devices * PEAK_BF16) if self.cuda and dense else None
+            dense = config.get("moe_layers") == "none"  # 6 N T counts every parameter: dense models only
+            row["mfu"] = (6 * row["params"] * row["tokens_per_s"] / (devices * PEAK_BF16)
+                          if self.cuda and dense else None)
             self.clock.log(f"{label}: {row['tokens_per_s']:,.0f} tok/s ({row['step_s'] * 1e3:.1f} ms/step, "
                            f"{seconds:.0f}s wall)")
         else:
@@ -345,8 +347,8 @@ class Bench:
         outcomes = parse_junit(junit) if junit.exists() else {}
         res["tests"] = {t: outcomes.get(t, {"outcome": "not run" if code is None else "missing", "message": ""})
                         for t in CORRECTNESS_TESTS}
-        if code not in (0, None) and not outcomes:
-            res["log_tail"] = tail(log)
+        if code != 0 and any(r["outcome"] not in ("passed", "skipped") for r in res["tests"].values()):
+            res["log_tail"] = tail(log, 6000)
         for t, r in res["tests"].items():
             self.clock.log(f"  {r['outcome']:8s} {t.split('::')[1]}")
         self.save()
@@ -449,7 +451,6 @@ class Bench:
             row.update(offloaded_blocks=k, params=params)
             if row.get("ok"):
                 row["params_per_gpu"] = params / n
-                row["mfu"] = 6 * params * row["tokens_per_s"] / (n * PEAK_BF16) if self.cuda else None
             res["tries"].append(row)
             self.save()
             if row.get("ok"):
