@@ -227,20 +227,31 @@ def child_env() -> dict[str, str]:
             "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+def start_child(command: list[str], log: Path) -> tuple[subprocess.Popen, Any, float]:
+    """Start `command` in its own process group with the child environment, output to `log`."""
+    out = log.open("w")
+    proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, out, time.perf_counter()
+
+
+def finish_child(proc: subprocess.Popen, out: Any, timeout: float) -> Optional[int]:
+    """Wait up to `timeout` seconds; past it, kill the group (the command and the ranks it launched). Returns the
+    exit code, or None on timeout."""
+    try:
+        code: Optional[int] = proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    out.close()
+    return code
+
+
 def run_child(command: list[str], timeout: float, log: Path) -> tuple[Optional[int], float]:
-    """Run `command` in its own process group with the child environment, output to `log`; on timeout the group
-    (this command and the ranks it launched) is killed. Returns (exit code or None on timeout, seconds)."""
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code: Optional[int] = proc.wait(timeout=max(timeout, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
-    return code, time.perf_counter() - t0
+    """`command` run to its end or `timeout`. Returns (exit code or None on timeout, seconds)."""
+    proc, out, t0 = start_child(command, log)
+    return finish_child(proc, out, timeout), time.perf_counter() - t0
 
 
 def tail(path: Path, chars: int = 1500) -> str:
@@ -334,23 +345,31 @@ class Bench:
 
     # ---------------------------------------------------------------- 1. correctness
     def correctness(self, budget: float) -> None:
+        """One pytest process per test id, all at once (each test runs its own 2-rank jobs; Lightning picks a free
+        port per job, and NCCL communicators of different processes may share the GPUs), within `budget`."""
         res = self.results["correctness"]
         if not self.cuda or self.gpus < 2:
             # the ids still go through pytest (they skip without two GPUs): the collection and parsing are checked
             res["note"] = "no two CUDA devices: the NCCL tests skip (recorded as skipped)"
-        junit = self.work / "junit.xml"
-        log = self.work / "pytest.log"
-        self.clock.log(f"correctness: {len(CORRECTNESS_TESTS)} tests, timeout {budget:.0f}s")
-        code, seconds = run_child([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-                                   f"--junitxml={junit}", *CORRECTNESS_TESTS], budget, log)
-        res.update(exit_code=code, wall_s=seconds, timed_out=code is None)
-        outcomes = parse_junit(junit) if junit.exists() else {}
-        res["tests"] = {t: outcomes.get(t, {"outcome": "not run" if code is None else "missing", "message": ""})
-                        for t in CORRECTNESS_TESTS}
-        if code != 0 and any(r["outcome"] not in ("passed", "skipped") for r in res["tests"].values()):
-            res["log_tail"] = tail(log, 6000)
-        for t, r in res["tests"].items():
-            self.clock.log(f"  {r['outcome']:8s} {t.split('::')[1]}")
+        self.clock.log(f"correctness: {len(CORRECTNESS_TESTS)} tests in parallel, timeout {budget:.0f}s")
+        jobs = []
+        for i, test_id in enumerate(CORRECTNESS_TESTS):
+            junit, log = self.work / f"junit{i}.xml", self.work / f"pytest{i}.log"
+            command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                       test_id]
+            jobs.append((test_id, junit, log, start_child(command, log)))
+        deadline = time.perf_counter() + budget
+        res["tests"] = {}
+        for test_id, junit, log, (proc, out, t0) in jobs:
+            code = finish_child(proc, out, deadline - time.perf_counter())
+            outcome = parse_junit(junit).get(test_id) if junit.exists() else None
+            row = dict(outcome or {"outcome": "not run (timeout)" if code is None else "missing", "message": ""})
+            row.update(exit_code=code, wall_s=time.perf_counter() - t0)
+            if row["outcome"] not in ("passed", "skipped"):
+                row["log_tail"] = tail(log, 4000)
+            res["tests"][test_id] = row
+            self.clock.log(f"  {row['outcome']:8s} {test_id.split('::')[1]} ({row['wall_s']:.0f}s)")
+        res["wall_s"] = max(r["wall_s"] for r in res["tests"].values())
         self.save()
 
     # ---------------------------------------------------------------- 2. scaling

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,24 @@ def test_the_correctness_ids_name_existing_tests() -> None:
     for test_id in multi_gpu.CORRECTNESS_TESTS:
         path, name = test_id.split("::")
         assert f"def {name}(" in (ROOT / path).read_text(), test_id
+
+
+def test_a_child_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    proc, out, _ = multi_gpu.start_child(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], tmp_path / "log")
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    assert multi_gpu.finish_child(proc, out, 1.0) is None
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):  # the killed sleep is reaped by init shortly after
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the background process of the timed-out command is still alive")
+    code, seconds = multi_gpu.run_child(["bash", "-c", "exit 3"], 10.0, tmp_path / "log2")
+    assert code == 3 and seconds < 10
