@@ -392,8 +392,9 @@ class Bench:
                 self.results["scaling"][key] = {"ok": False, "error": "not run: the scaling share of the budget "
                                                                       "was spent"}
                 continue
-            # an even share of what is left, at least 1.5x (a slow case may use a finished one's slack)
-            timeout = min(left, 1.5 * left / (len(plan) - i))
+            # 1.5x an even share of what is left (a slow case may use a finished one's slack), at least 60 s (the
+            # first run compiles FlexAttention into the inductor cache the later runs read)
+            timeout = min(left, max(60.0, 1.5 * left / (len(plan) - i)))
             self.results["scaling"][key] = self.train(key, self.shapes[model], strategy, devices, timeout, options)
             self.summarise()
             self.save()
