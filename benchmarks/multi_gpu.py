@@ -20,10 +20,11 @@ Phases, each within its share of `--time_budget` seconds (unused time passes to 
 Every training run is a small Lightning script (this file with `--worker SPEC`) started in a subprocess with
 `Trainer(devices=N)`: Lightning's own launcher starts the other ranks. Every child process gets
 NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 in its environment (NVLink
-multicast off). The JSON (stamped with git revision, torch, CUDA and NCCL versions and the device) is rewritten
-after every case, so a run cut short keeps what it measured; a PNG of the scaling bars and a table at the end.
+multicast off). The JSON (stamped with git revision, torch, CUDA and NCCL versions and the device) and a PNG of the
+scaling bars are rewritten after every case, so a run cut short keeps what it measured; a table is printed at the
+end. `--logs DIR` keeps every child's log there.
 
-    python benchmarks/multi_gpu.py                      # 2 or 4 H200s, < 9 min (--time_budget 520)
+    python benchmarks/multi_gpu.py --logs /tmp/multi_gpu_logs   # 2 or 4 H200s, < 9 min (--time_budget 520)
     python benchmarks/multi_gpu.py --quick --out /tmp/m.json   # gloo, 2 CPU processes, tiny shapes (checks the script)
 """
 
@@ -297,12 +298,14 @@ class Bench:
         self.cuda = torch.cuda.is_available() and not args.quick
         self.gpus = args.gpus or (torch.cuda.device_count() if self.cuda else 2)
         self.clock = Clock(args.time_budget)
-        self.work = Path(tempfile.mkdtemp(prefix="m6lit_multi_gpu_"))
+        self.work = args.logs or Path(tempfile.mkdtemp(prefix="m6lit_multi_gpu_"))
+        self.work.mkdir(parents=True, exist_ok=True)
         self.shapes = shapes(args.quick)
         self.results: dict[str, Any] = {
             "stamp": stamp(), "args": {k: str(v) for k, v in vars(args).items()}, "child_env": CHILD_ENV,
             "gpus": self.gpus, "accelerator": "gpu" if self.cuda else "cpu (gloo)", "shapes": self.shapes,
-            "goal_efficiency": GOAL_EFFICIENCY, "correctness": {}, "scaling": {}, "summary": {}, "size": {}}
+            "logs": str(self.work), "goal_efficiency": GOAL_EFFICIENCY, "correctness": {}, "scaling": {},
+            "summary": {}, "size": {}}
         self.runs = 0
 
     def save(self) -> None:
@@ -567,6 +570,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--quick_gpu_bytes", type=float, default=2.5e6,
                         help="--quick: the pretend GPU memory the size plan fits into")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS}); the PNG beside it")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="folder for every child's log, spec and result (default: a new temporary folder)")
     parser.add_argument("--quick", action="store_true", help="gloo, 2 CPU processes, tiny shapes (checks the script)")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
