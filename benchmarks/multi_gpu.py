@@ -284,11 +284,19 @@ def efficiency(one: Optional[dict], many: Optional[dict]) -> Optional[float]:
 
 
 def host_memory() -> int:
+    """The host memory this process may use: MemTotal, or the container's cgroup limit when that is lower."""
     with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemTotal line")
+        total = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")), None)
+    if total is None:
+        raise RuntimeError("/proc/meminfo has no MemTotal line")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ phases
