@@ -31,7 +31,7 @@ def test_quick_run_writes_every_phase_stamped(tmp_path: Path) -> None:
     assert r["child_env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                               "NVSHMEM_DISABLE_NVLS": "1"}
     # the NCCL tests skip without two GPUs, each recorded by id
-    assert r["correctness"]["tests"].keys() == set(multi_gpu.CORRECTNESS_TESTS)
+    assert list(r["correctness"]["tests"]) == list(multi_gpu.CORRECTNESS_TESTS[:2])  # one per file on --quick
     assert {t["outcome"] for t in r["correctness"]["tests"].values()} == {"skipped"}
     assert set(r["scaling"]) == {"a:1", "a:2", "d:ep", "d:replicated"}
     for key, row in r["scaling"].items():
