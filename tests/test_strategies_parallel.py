@@ -264,6 +264,22 @@ def test_expert_parallel_two_ranks_match_one_process_across_a_delink(tmp_path: P
     assert moments and all(m.abs().sum() > 0 for m in moments)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="expert parallel over NCCL on two GPUs")
+def test_expert_parallel_on_two_gpus_matches_one_process_across_a_delink(tmp_path: Path) -> None:
+    """The same run as above on two GPUs (NCCL all_to_all_single with variable splits), fp32: the mean loss per
+    step and the final weights track the one-process CPU run (GPU kernels sum in another order: 1e-4)."""
+    ranks = _run(tmp_path, "ep", 3, M6LIT_ACCELERATOR="gpu", M6LIT_DELINK_STEP="2",
+                 M6LIT_CONFIG=json.dumps({"num_unique_blocks": 2}))
+    losses, state = _reference(3, batch=8, accumulate=1, callbacks=(PseudoToReal(delink_step=2),),
+                               num_unique_blocks=2)
+    assert ranks[0]["blocks"] == ranks[1]["blocks"] == 4
+    mean = [(a[1] + b[1]) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    torch.testing.assert_close(torch.tensor(mean), torch.tensor(losses), rtol=0, atol=1e-4)
+    for result in ranks:
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value.cpu(), state[name], rtol=0, atol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- safety rule
 def _param_map() -> ParamMap:
     module = M6LitModule(tiny_config(num_unique_blocks=2))
