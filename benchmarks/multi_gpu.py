@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from stamp import stamp  # noqa: E402
+from train_throughput import text_batches  # noqa: E402
 
 from m6lit.model import M6Config  # noqa: E402
 
@@ -100,17 +101,6 @@ def size_candidates(quick: bool) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ worker (one rank)
-def text_batches(vocab: int, batch: int, seq: int, n: int = 4) -> list[dict[str, torch.Tensor]]:
-    """`n` distinct fully causal text batches of the contract (host tensors, cycled)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(2, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
-                    "labels": ids.clone(), "prefix_len": torch.zeros(batch, dtype=torch.long)})
-    return out
-
-
 def make_strategy(name: str, options: dict[str, Any]) -> Any:
     from lightning.pytorch.strategies import DDPStrategy
 
