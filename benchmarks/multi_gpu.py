@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from stamp import stamp  # noqa: E402
 from train_throughput import text_batches  # noqa: E402
 
+from m6lit.cli import finish_distributed  # noqa: E402
 from m6lit.model import M6Config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "multi_gpu.json"
@@ -576,7 +577,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        worker(args.worker)
+        try:
+            worker(args.worker)
+        finally:
+            finish_distributed()
         return
     if args.quick:
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 2)

@@ -409,6 +409,14 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
+def finish_distributed() -> None:
+    """Destroy the default process group while the interpreter is whole: left to interpreter finalisation, gloo's
+    worker threads can abort the process (SIGABRT, "terminate called without an active exception") after a run
+    that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Console entry point (`m6lit` and `python -m m6lit`): Lightning subcommands plus `export` and `plan`.
 
@@ -434,6 +442,7 @@ def main(args: Optional[list[str]] = None) -> None:
                 M6CLI(args=_strategy_short_name_with_options(argv))
         finally:
             _finish_wandb()
+            finish_distributed()
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("M6LIT_TRACEBACK") or not _raised_by_m6lit(err):
             raise

@@ -274,6 +274,25 @@ def test_print_config_shows_every_injected_default() -> None:
     assert printed["pseudo_to_real"]["delink_step"] == 600
 
 
+def test_the_cli_destroys_the_process_group_before_the_interpreter_ends(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # a gloo group left to interpreter finalisation can abort a finished run with SIGABRT
+    import torch.distributed as dist
+
+    from _dist import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(DEMO), "--print_config"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_lightning_flags_switch_the_defaults_off_and_fast_dev_run_leaves_no_checkpoint(tmp_path: Path) -> None:
     short = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--pseudo_to_real.delink_step", "1"]
     out = run_raw("fit", "--config", str(DEMO), *TINY, *short, "--trainer.enable_checkpointing", "false",

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from _fakes import loader, tiny_config
 
+from m6lit.cli import finish_distributed
 from m6lit.callbacks import PseudoToReal
 from m6lit.module import M6LitModule
 
@@ -38,4 +39,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        finish_distributed()

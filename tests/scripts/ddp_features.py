@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from _fakes import tiny_config
 
+from m6lit.cli import finish_distributed
 from m6lit.callbacks import FeatureWriter
 from m6lit.data.datamodule import ImageTextDataModule
 from m6lit.module import M6LitModule
@@ -25,4 +26,7 @@ def main(devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    try:
+        main(int(sys.argv[1]))
+    finally:
+        finish_distributed()

@@ -16,6 +16,7 @@ from _fakes import LossRecorder, loader, tiny_config
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from m6lit.cli import finish_distributed
 from m6lit.callbacks import PseudoToReal
 from m6lit.module import M6LitModule
 from m6lit.strategies import DDPOffloadStrategy
@@ -85,4 +86,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        finish_distributed()

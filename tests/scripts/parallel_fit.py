@@ -17,6 +17,7 @@ from _fakes import LossRecorder, tiny_config
 from _parallel_data import rank_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from m6lit.cli import finish_distributed
 from m6lit.module import M6LitModule
 from m6lit.strategies import ExpertParallelStrategy, FSDP2Strategy
 
@@ -83,4 +84,7 @@ def _local_bytes(module: torch.nn.Module, optimizers: list) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        finish_distributed()
