@@ -21,17 +21,27 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
 class ImagePatchEmbed(nn.Module):
     """Patchify pixels [B, C, H, W] into [B, P, D] with a strided conv and add learned patch positions.
 
+    `hidden` > 0 makes the patchify nonlinear: conv to `hidden` channels, GELU, 1x1 conv to `d_model` (one small
+    MLP per patch). A linear patch embedding cannot tell an object's patch from the background's (that takes a
+    nonlinear function of the pixels), so the first attention layer cannot look at objects; the stem gives it
+    features that can.
+
     `backbone`, if given, replaces the conv: any module mapping pixels to [B, D, H', W'] or [B, P, D] with P equal
     to the configured number of patches (e.g. a pretrained CNN's feature map followed by a 1x1 projection).
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, d_model: int,
-                 backbone: Optional[nn.Module] = None) -> None:
+                 backbone: Optional[nn.Module] = None, hidden: int = 0) -> None:
         super().__init__()
         self.image_size = image_size
         self.num_patches = (image_size // patch_size) ** 2
-        self.proj = backbone if backbone is not None else nn.Conv2d(
-            in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        if backbone is not None:
+            self.proj = backbone
+        elif hidden:
+            self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size),
+                                      nn.GELU(), nn.Conv2d(hidden, d_model, kernel_size=1))
+        else:
+            self.proj = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
         self.pos = nn.Parameter(torch.zeros(1, self.num_patches, d_model))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -51,7 +61,7 @@ class M6Embeddings(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, image_size: int, patch_size: int,
                  in_channels: int, backbone: Optional[nn.Module] = None, image_grid_size: int = 0,
-                 image_code_offset: int = 0) -> None:
+                 image_code_offset: int = 0, patch_hidden: int = 0) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
         # image codes (ids >= image_code_offset) also get a 2-D row/column position in their code grid
@@ -61,7 +71,7 @@ class M6Embeddings(nn.Module):
         self.code_col = nn.Embedding(image_grid_size, d_model) if image_grid_size else None
         self.text_pos = nn.Embedding(max_seq_len, d_model)
         self.modality = nn.Embedding(2, d_model)
-        self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone)
+        self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone, patch_hidden)
         self.max_seq_len = max_seq_len
 
     #: check the id range of accelerator tensors too (a host sync per forward: a debug switch). Host tensors are
