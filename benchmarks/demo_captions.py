@@ -100,9 +100,8 @@ ARMS: dict[str, str] = {
            ("b128-1200-moe-all", 128, 1200, 0.005, "all", "caption: 0.9, denoise: 0.1"),
            ("b128-1200-caption-only", 128, 1200, 0.005, "[1, 3]", "caption: 1.0, denoise: 0.0"))},
     "d64-1200": "model: {config: {d_model: 64, n_heads: 4, d_ff: 192, expert_d_ff: 96}}\n" + _steps(1200, 300),
-    "stem256-600": "model: {config: {patch_hidden: 256}}\n" + _steps(600, 150),
-    "stem512-600": "model: {config: {patch_hidden: 512}}\n" + _steps(600, 150),
-    "stem256": "model: {config: {patch_hidden: 256}}\n",
+    "constant-lr": "model: {min_lr_ratio: 1.0}\n",
+    "centered": "model: {config: {patch_centered: true}}\n",
 }
 
 _LINE = re.compile(r"\[step (\d+)\] caption accuracy: (.*)")

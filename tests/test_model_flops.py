@@ -40,13 +40,13 @@ def test_dense_active_params_are_the_block_matmul_weights() -> None:
     assert active_params_per_position(model.config) == weights
 
 
-@pytest.mark.parametrize("moe_layers,patch_hidden", [("none", 0), (2, 0), (2, 12)])
-def test_training_flops_equal_three_times_torch_counted_forward_flops(moe_layers, patch_hidden) -> None:
-    """FlopCounterMode counts the matmuls, the patch convs (one, or the stem's two) and SDPA's two S×S products of
+@pytest.mark.parametrize("moe_layers,patch_centered", [("none", False), (2, False), (2, True)])
+def test_training_flops_equal_three_times_torch_counted_forward_flops(moe_layers, patch_centered) -> None:
+    """FlopCounterMode counts the matmuls, the patch conv (and the centred form's two 1x1 convs) and SDPA's two S×S products of
     one forward; the formula is three times that (the MoE fallback runs exactly k experts per token, and the
     router)."""
     torch.manual_seed(0)
-    model = M6Model(_config(moe_layers=moe_layers, patch_hidden=patch_hidden)).eval()
+    model = M6Model(_config(moe_layers=moe_layers, patch_centered=patch_centered)).eval()
     b, t = 2, 10
     batch = {"input_ids": torch.randint(2, 64, (b, t)), "pixel_values": torch.randn(b, 3, 16, 16)}
     with FlopCounterMode(display=False) as counter, torch.no_grad():

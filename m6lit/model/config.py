@@ -133,8 +133,8 @@ class M6Config:
         image_size: square image side in pixels.
         patch_size: image patch side in pixels (image_size must be a multiple).
         in_channels: image channels.
-        patch_hidden: 0 = a linear embedding per image patch (ViT); > 0 = a nonlinear patch stem of this width
-            (conv, GELU, 1x1 conv), which lets the first attention layer find objects among the patches.
+        patch_centered: embed each image patch's channel means apart from the rest of the patch (the same linear
+            map, parameterised so that a uniform background does not swamp the objects: see ImagePatchEmbed).
         max_seq_len: longest sequence (image patches + text tokens).
         dropout: dropout probability.
         tie_embeddings: share the token embedding with the LM head.
@@ -168,7 +168,7 @@ class M6Config:
     image_size: int = 32
     patch_size: int = 8
     in_channels: int = 3
-    patch_hidden: int = 0
+    patch_centered: bool = False
     max_seq_len: int = 256
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -292,8 +292,7 @@ class M6Config:
             need(self.capacity_factor > 0, "capacity_factor", "must be > 0, or None for dropless routing")
         need(self.balance_loss_coef >= 0, "balance_loss_coef", "must be >= 0")
         need(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
-        need(isinstance(self.patch_hidden, int) and not isinstance(self.patch_hidden, bool)
-             and self.patch_hidden >= 0, "patch_hidden", "must be an integer >= 0 (0 = linear patch embedding)")
+        need(isinstance(self.patch_centered, bool), "patch_centered", "must be true or false")
         need(self.image_size % self.patch_size == 0, "image_size",
              f"must be divisible by patch_size={self.patch_size}")
         need(self.max_seq_len > self.num_patches, "max_seq_len",

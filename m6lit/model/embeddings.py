@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 IMAGE, TEXT = 0, 1
@@ -21,27 +22,28 @@ def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
 class ImagePatchEmbed(nn.Module):
     """Patchify pixels [B, C, H, W] into [B, P, D] with a strided conv and add learned patch positions.
 
-    `hidden` > 0 makes the patchify nonlinear: conv to `hidden` channels, GELU, 1x1 conv to `d_model` (one small
-    MLP per patch). A linear patch embedding cannot tell an object's patch from the background's (that takes a
-    nonlinear function of the pixels), so the first attention layer cannot look at objects; the stem gives it
-    features that can.
+    `centered` embeds each patch's channel means apart from the rest of the patch: the conv sees the patch minus
+    its means, a 1x1 projection (`mean_proj`) sees the means. The function class is the same (both are linear in
+    the pixels), the training is not: in the plain conv the response to a uniform patch is the sum of the patch's
+    p² weights per channel, so under Adam it moves p² times faster than any one weight and a uniform background
+    (white, black) puts one large shared vector on every patch, which hides the object's patch; centred, the
+    background's colour has weights of its own, at the scale of one weight.
 
     `backbone`, if given, replaces the conv: any module mapping pixels to [B, D, H', W'] or [B, P, D] with P equal
     to the configured number of patches (e.g. a pretrained CNN's feature map followed by a 1x1 projection).
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, d_model: int,
-                 backbone: Optional[nn.Module] = None, hidden: int = 0) -> None:
+                 backbone: Optional[nn.Module] = None, centered: bool = False) -> None:
         super().__init__()
+        if centered and backbone is not None:
+            raise ValueError("patch_centered applies to the built-in patch conv; an image backbone replaces it")
         self.image_size = image_size
+        self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
-        if backbone is not None:
-            self.proj = backbone
-        elif hidden:
-            self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size),
-                                      nn.GELU(), nn.Conv2d(hidden, d_model, kernel_size=1))
-        else:
-            self.proj = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        self.proj = backbone if backbone is not None else nn.Conv2d(
+            in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        self.mean_proj = nn.Conv2d(in_channels, d_model, kernel_size=1, bias=False) if centered else None
         self.pos = nn.Parameter(torch.zeros(1, self.num_patches, d_model))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -49,6 +51,11 @@ class ImagePatchEmbed(nn.Module):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                              f"[B, C, {self.image_size}, {self.image_size}] (config.image_size)")
         feats = self.proj(pixel_values)
+        if self.mean_proj is not None:
+            # proj(x - mean) = proj(x) - (sum of proj's p² weights per channel) · mean, without the centred copy
+            means = F.avg_pool2d(pixel_values, self.patch_size)  # [B, C, H/p, W/p]
+            uniform = self.proj.weight.sum(dim=(2, 3), keepdim=True)  # [D, C, 1, 1]
+            feats = feats - F.conv2d(means, uniform) + self.mean_proj(means)
         if feats.dim() == 4:
             feats = feats.flatten(2).transpose(1, 2)
         if feats.shape[1] != self.num_patches:
@@ -61,7 +68,7 @@ class M6Embeddings(nn.Module):
 
     def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, image_size: int, patch_size: int,
                  in_channels: int, backbone: Optional[nn.Module] = None, image_grid_size: int = 0,
-                 image_code_offset: int = 0, patch_hidden: int = 0) -> None:
+                 image_code_offset: int = 0, patch_centered: bool = False) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
         # image codes (ids >= image_code_offset) also get a 2-D row/column position in their code grid
@@ -71,7 +78,7 @@ class M6Embeddings(nn.Module):
         self.code_col = nn.Embedding(image_grid_size, d_model) if image_grid_size else None
         self.text_pos = nn.Embedding(max_seq_len, d_model)
         self.modality = nn.Embedding(2, d_model)
-        self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone, patch_hidden)
+        self.patches = ImagePatchEmbed(image_size, patch_size, in_channels, d_model, backbone, patch_centered)
         self.max_seq_len = max_seq_len
 
     #: check the id range of accelerator tensors too (a host sync per forward: a debug switch). Host tensors are

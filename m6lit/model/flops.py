@@ -42,9 +42,9 @@ def training_flops(config: M6Config, text_positions: int, image_positions: int, 
     positions = text_positions + image_positions
     per_position = active_params_per_position(config) + config.num_layers * 2 * seq_len * config.d_model
     head = text_positions * config.vocab_size * config.d_model
-    pixels = config.in_channels * config.patch_size ** 2
-    stem = config.patch_hidden
-    patch = image_positions * (pixels * stem + stem * config.d_model if stem else pixels * config.d_model)
+    # the patch conv, and with patch_centered the means' two 1x1 projections (uniform part and mean_proj)
+    pixels = config.in_channels * config.patch_size ** 2 + (2 * config.in_channels if config.patch_centered else 0)
+    patch = image_positions * pixels * config.d_model
     return 6.0 * (positions * per_position + head + patch)
 
 

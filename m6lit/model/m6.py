@@ -117,7 +117,7 @@ class M6Model(nn.Module):
         self.config = config
         self.embed = M6Embeddings(config.vocab_size, config.d_model, config.max_seq_len, config.image_size,
                                   config.patch_size, config.in_channels, image_backbone, config.image_grid_size,
-                                  config.vocab_size - config.image_codebook_size, config.patch_hidden)
+                                  config.vocab_size - config.image_codebook_size, config.patch_centered)
         kinds = config.block_is_moe()
         self.blocks = nn.ModuleList(self.build_block(moe, block) for block, moe in enumerate(kinds))
         self.layer_to_block: list[int] = config.layer_to_block()
@@ -176,12 +176,6 @@ class M6Model(nn.Module):
         # (std * sqrt(fan-in)): at the 0.02 scale of text embeddings they are drowned by the patch content after
         # RMSNorm, and the network learns *what* is in the image long before it learns *where*
         patch_fan_in = self.config.in_channels * self.config.patch_size ** 2
-        if self.config.patch_hidden:
-            # the stem's first conv at He scale (unit-variance GELU inputs), so its 1x1 output has the scale
-            # std * sqrt(hidden) that the positions start at
-            stem = self.embed.patches.proj[0]
-            nn.init.normal_(stem.weight, std=math.sqrt(2.0 / patch_fan_in))
-            patch_fan_in = self.config.patch_hidden
         nn.init.normal_(self.embed.patches.pos, std=std * math.sqrt(patch_fan_in))
 
     # ------------------------------------------------------------------ compilation
