@@ -101,7 +101,8 @@ ARMS: dict[str, str] = {
            ("b128-1200-caption-only", 128, 1200, 0.005, "[1, 3]", "caption: 1.0, denoise: 0.0"))},
     "d64-1200": "model: {config: {d_model: 64, n_heads: 4, d_ff: 192, expert_d_ff: 96}}\n" + _steps(1200, 300),
     "constant-lr": "model: {min_lr_ratio: 1.0}\n",
-    "linear-patches": "model: {config: {patch_centered: false}}\n",
+    "before-round6": "model: {config: {patch_centered: false, qk_norm: false}}\n",
+    "no-qk-norm": "model: {config: {qk_norm: false}}\n",
 }
 
 _LINE = re.compile(r"\[step (\d+)\] caption accuracy: (.*)")

@@ -176,10 +176,11 @@ def _key_patterns() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_flex
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("q_start", [0, 7, 11])
-def test_flex_attention_equals_the_dense_mask_reference(q_start: int) -> None:
+def test_flex_attention_equals_the_dense_mask_reference(q_start: int, qk_norm: bool) -> None:
     torch.manual_seed(0)
-    attn = Attention(32, 4).eval()
+    attn = Attention(32, 4, qk_norm=qk_norm).eval()
     key_valid, bidir = _key_patterns()
     q_len = key_valid.shape[1] - q_start
     x = torch.randn(5, q_len, 32)
@@ -252,3 +253,37 @@ def test_flex_refuses_attention_dropout_in_training() -> None:
     key_valid, bidir = _key_patterns()
     with pytest.raises(ValueError, match="FlexAttention has no attention dropout"):
         attn(torch.randn(5, 12, 32), prefix_lm_block_mask(key_valid, bidir))
+
+
+@torch.no_grad()
+def test_qk_norm_scores_are_the_normalised_queries_and_keys_and_ignore_their_projections_scale() -> None:
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=True).eval()
+    attn.q_norm.weight.uniform_(0.5, 2.0)
+    attn.k_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    q, k, v = attn.qkv(x).view(2, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)  # [B, H, S, head_dim] each
+
+    def rms(t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+    scores = rms(q, attn.q_norm.weight) @ rms(k, attn.k_norm.weight).transpose(-1, -2) / 8 ** 0.5
+    want = attn.proj((scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 32))
+    out = attn(x, mask)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    attn.qkv.weight[:64] *= 10.0  # queries and keys 10x larger: the same attention
+    torch.testing.assert_close(attn(x, mask), out, rtol=1e-5, atol=1e-6)
+    plain = Attention(32, 4).eval()
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if "norm" not in k})
+    assert not torch.allclose(plain(x, mask), out, atol=1e-3)
+
+
+def test_qk_norm_gains_are_block_parameters_drawn_to_one_and_the_flag_is_checked() -> None:
+    model = M6Model(M6Config(vocab_size=64, d_model=32, n_heads=4, d_ff=64, num_layers=2, image_size=16,
+                             patch_size=8, max_seq_len=48, qk_norm=True))
+    gains = {n: p for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n}
+    assert sorted(gains) == [f"blocks.{i}.attn.{w}_norm.weight" for i in range(2) for w in "kq"]
+    assert all(p.shape == (8,) and bool((p == 1).all()) for p in gains.values())
+    with pytest.raises(ValueError, match=r"M6Config.qk_norm=1: must be true or false"):
+        M6Config(qk_norm=1).validate()

@@ -116,13 +116,14 @@ def test_text_positions_are_column_indices_for_right_padding_and_counts_otherwis
     assert text_positions(odd).tolist() == [[0, 1, 0, 1], [0, 1, 1, 2]]
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("images", [True, False])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @torch.no_grad()
-def test_cached_steps_through_forward_equal_one_full_forward(images: bool, padding: str) -> None:
+def test_cached_steps_through_forward_equal_one_full_forward(images: bool, padding: str, qk_norm: bool) -> None:
     """Prefill into a KVCache, then one token at a time (appended after the padded width), gives the logits of one
     uncached forward over the whole sequence; prefix_len counts from each row's first token in either padding."""
-    model = _model(torch.float64)
+    model = _model(torch.float64, qk_norm=qk_norm)
     prompts = _prompts(images, torch.float64)
     if padding == "left":
         prompts = _left(prompts)

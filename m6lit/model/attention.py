@@ -140,27 +140,39 @@ class KVCache:
 
 class Attention(nn.Module):
     """Multi-head self-attention: FlexAttention when given a BlockMask, else `F.scaled_dot_product_attention`
-    with the dense boolean mask. Initialised on construction by its `nn.Linear` projections."""
+    with the dense boolean mask. Initialised on construction by its `nn.Linear` projections.
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+    `qk_norm` RMS-normalises each head's queries and keys (one learned gain per head dimension, shared by the
+    heads) before the scores, so how sharply a head attends is set by those gains rather than by the growth of
+    the whole projection; keys enter the cache normalised."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, qk_norm: bool = False,
+                 norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
 
     def reset_parameters(self) -> None:
-        """Re-draw the projections with `nn.Linear`'s own initialisation (what construction gave them); for a module
-        built on the meta device and then `to_empty`."""
+        """Re-draw the projections with `nn.Linear`'s own initialisation (what construction gave them) and the
+        query/key norms to one; for a module built on the meta device and then `to_empty`."""
         self.qkv.reset_parameters()
         self.proj.reset_parameters()
+        if self.q_norm is not None and self.k_norm is not None:
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
 
     def forward(self, x: Tensor, mask: AttentionMask, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """`cache`: a `KVCache` or a transformers `Cache` (anything with `update(key, value, layer_idx)`); its
         entry `layer` (the logical layer) receives this call's keys and values."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, [B, H, S, head_dim]
         if cache is not None:
             k, v = cache.update(k, v, layer)
         if is_block_mask(mask):

@@ -49,10 +49,10 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, norm_eps: float = 1e-6, dropout: float = 0.0,
-                 moe: Optional[MoELayer] = None) -> None:
+                 moe: Optional[MoELayer] = None, qk_norm: bool = False) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = Attention(d_model, n_heads, dropout)
+        self.attn = Attention(d_model, n_heads, dropout, qk_norm=qk_norm, norm_eps=norm_eps)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.ffn: nn.Module = moe if moe is not None else SwiGLU(d_model, d_ff)
         self.drop = nn.Dropout(dropout)

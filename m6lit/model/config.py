@@ -136,6 +136,7 @@ class M6Config:
         patch_centered: embed each image patch's channel means apart from the rest of the patch (the same linear
             map, parameterised so that a uniform background does not swamp the objects: see ImagePatchEmbed).
         max_seq_len: longest sequence (image patches + text tokens).
+        qk_norm: RMS-normalise each attention head's queries and keys (learned gains) before the scores.
         dropout: dropout probability.
         tie_embeddings: share the token embedding with the LM head.
         norm_eps: epsilon of the RMS norms.
@@ -170,6 +171,7 @@ class M6Config:
     in_channels: int = 3
     patch_centered: bool = False
     max_seq_len: int = 256
+    qk_norm: bool = False
     dropout: float = 0.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
@@ -293,6 +295,7 @@ class M6Config:
         need(self.balance_loss_coef >= 0, "balance_loss_coef", "must be >= 0")
         need(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
         need(isinstance(self.patch_centered, bool), "patch_centered", "must be true or false")
+        need(isinstance(self.qk_norm, bool), "qk_norm", "must be true or false")
         need(self.image_size % self.patch_size == 0, "image_size",
              f"must be divisible by patch_size={self.patch_size}")
         need(self.max_seq_len > self.num_patches, "max_seq_len",

@@ -145,7 +145,7 @@ class M6Model(nn.Module):
                              segments=shape.segments, init_std=c.init_std, out_init_std=self._out_init_std(),
                              device="meta")
             layer.to_empty(device=self._weight_device())
-        return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer)
+        return TransformerBlock(c.d_model, c.n_heads, c.d_ff, c.norm_eps, c.dropout, moe=layer, qk_norm=c.qk_norm)
 
     def _out_init_std(self) -> float:
         """Standard deviation of the residual output projections: init_std / sqrt(2 L) (GPT-2)."""
