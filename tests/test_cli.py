@@ -272,6 +272,8 @@ def test_print_config_shows_every_injected_default() -> None:
     assert printed["checkpoint"]["monitor"] == "val/loss" and printed["checkpoint"]["save_last"] is True
     assert "refresh_rate" in printed["progress_bar"] and printed["predictions"]["output_path"]
     assert printed["pseudo_to_real"]["delink_step"] == 600
+    # the two model options the demo's captions depend on (README, "What the demo reaches")
+    assert printed["model"]["config"]["patch_centered"] is True and printed["model"]["config"]["qk_norm"] is True
 
 
 def test_the_cli_destroys_the_process_group_before_the_interpreter_ends(

@@ -469,7 +469,6 @@ class SelectiveOffloadStrategy(SingleDeviceStrategy):
         keys, cached = self._param_norms()
         if not keys:
             return None
-        norms: list[Tensor | None] = [None] * len(keys)
         grouped = _group_tensors_by_device_and_dtype([keys], with_indices=True)  # type: ignore[list-item]
         ordered: list[Tensor] = []
         for (device, _), ([tensors], indices) in grouped.items():
