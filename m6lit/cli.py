@@ -20,6 +20,7 @@ a re-run) and to the W&B run. Errors in the configuration or the data print one 
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -410,11 +411,24 @@ def _finish_wandb() -> None:
 
 
 def finish_distributed() -> None:
-    """Destroy the default process group while the interpreter is whole: left to interpreter finalisation, gloo's
-    worker threads can abort the process (SIGABRT, "terminate called without an active exception") after a run
-    that succeeded."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Destroy the process groups and drop every reference to them, so that their gloo worker threads are joined
+    while the interpreter is whole.
+
+    `destroy_process_group` alone leaves each group alive in the registry of the DeviceMesh that FSDP2 or expert
+    parallelism built (meshes outlive the run in DTensor's sharding caches). Its worker threads then run on into
+    interpreter finalisation, where a thread that frees a finished collective's tensors needs the GIL and aborts
+    the process (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    torch.distributed.destroy_process_group()
+    gc.collect()  # a finished trainer's reference cycles hold wrapped modules, DDP reducers and meshes
+    for obj in gc.get_objects():
+        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        if isinstance(registry, dict):
+            registry.clear()
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -276,10 +276,19 @@ def test_print_config_shows_every_injected_default() -> None:
     assert printed["model"]["config"]["patch_centered"] is True and printed["model"]["config"]["qk_norm"] is True
 
 
-def test_the_cli_destroys_the_process_group_before_the_interpreter_ends(
+def _gloo_threads() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return [n for n in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if n.startswith("pt_gloo")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names in /proc")
+def test_the_cli_joins_the_gloo_threads_before_the_interpreter_ends(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # a gloo group left to interpreter finalisation can abort a finished run with SIGABRT
+    # gloo worker threads alive at interpreter finalisation can abort a finished run with SIGABRT; a DeviceMesh
+    # (kept by DTensor's caches) holds its groups past destroy_process_group
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     from _dist import free_port
 
@@ -287,9 +296,14 @@ def test_the_cli_destroys_the_process_group_before_the_interpreter_ends(
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+        (distribute_tensor(torch.ones(4), mesh, [Replicate()]) * 2).full_tensor()
+        del mesh
+        assert _gloo_threads()
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(DEMO), "--print_config"])
         assert not dist.is_initialized()
+        assert _gloo_threads() == []
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

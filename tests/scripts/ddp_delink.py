@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _dist import assert_gloo_threads_joined
 from _fakes import loader, tiny_config
 
 from m6lit.cli import finish_distributed
@@ -43,3 +44,4 @@ if __name__ == "__main__":
         main()
     finally:
         finish_distributed()
+    assert_gloo_threads_joined()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _dist import assert_gloo_threads_joined
 from _fakes import tiny_config
 
 from m6lit.cli import finish_distributed
@@ -30,3 +31,4 @@ if __name__ == "__main__":
         main(int(sys.argv[1]))
     finally:
         finish_distributed()
+    assert_gloo_threads_joined()

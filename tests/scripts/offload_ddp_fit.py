@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _dist import assert_gloo_threads_joined
 from _fakes import LossRecorder, loader, tiny_config
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -90,3 +91,4 @@ if __name__ == "__main__":
         main()
     finally:
         finish_distributed()
+    assert_gloo_threads_joined()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _dist import assert_gloo_threads_joined
 from _fakes import LossRecorder, tiny_config
 from _parallel_data import rank_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -88,3 +89,4 @@ if __name__ == "__main__":
         main()
     finally:
         finish_distributed()
+    assert_gloo_threads_joined()
