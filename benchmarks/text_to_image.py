@@ -1,7 +1,8 @@
-"""Text → image on the demo scenes, end to end in one command (one H200, about 6 minutes; `--quick`: CPU, tiny).
+"""Text → image on the demo scenes, end to end in one command (one H200, at most about 9 minutes; `--quick`: CPU, tiny).
 
 1. Train the VQ image tokenizer (m6lit.model.image_tokenizer; 48 px, f=4 → a 12x12 code grid aligned with the
-   scenes' 3x3 cells) for `--tokenizer_seconds`.
+   scenes' 3x3 cells) until its reconstructions of held-out scenes parse exactly (`--tokenizer_stop_at`) or
+   `--tokenizer_seconds` have passed; the held-out curve goes to the JSON and the plot.
 2. Train an M6 model on the generate task (caption → BOI + codes + EOI, caption dropped 10 % for guidance) and the
    caption task (image patches → caption, used for self-reranking), loss averaged per task, for `--train_seconds`.
 3. Score generated images with a deterministic render-and-compare scene parser (background, cell occupancy, colour,
@@ -188,7 +189,10 @@ def fid_kid(net: SceneFeatures, real: Tensor, fake: Tensor, device: str) -> dict
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_tokenizer(pixels: Tensor, args: argparse.Namespace, device: str) -> tuple[ImageTokenizer, dict[str, Any]]:
+def train_tokenizer(pixels: Tensor, args: argparse.Namespace, device: str,
+                    held_out: tuple[Tensor, list[DemoScene]]) -> tuple[ImageTokenizer, dict[str, Any]]:
+    """Train until the held-out reconstructions parse exactly at `--tokenizer_stop_at` or the time is up; the
+    held-out scenes (not the eval scenes) are scored every `--tokenizer_check_seconds` of training."""
     torch.manual_seed(0)
     config = tokenizer_config(SIZE, args.codebook_size, embed_dim=8, base_channels=args.tok_channels,
                               channel_multiplier=(1, 2, 2), num_res_blocks=args.tok_res_blocks,
@@ -196,8 +200,24 @@ def train_tokenizer(pixels: Tensor, args: argparse.Namespace, device: str) -> tu
     tok = ImageTokenizer(config, decay=0.99, kmeans_init=True, threshold_ema_dead_code=2.0).to(device)
     opt = torch.optim.Adam([p for p in tok.parameters() if p.requires_grad], lr=1e-3, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(1)
-    start, step = time.perf_counter(), 0
-    while step < args.tokenizer_steps and time.perf_counter() - start < args.tokenizer_seconds:
+    start, scoring, step, history, loss = time.perf_counter(), 0.0, 0, [], torch.zeros(())
+    next_check = args.tokenizer_check_seconds
+    while True:
+        trained = time.perf_counter() - start - scoring  # training time only (scoring syncs the device)
+        done = step >= args.tokenizer_steps or trained >= args.tokenizer_seconds
+        if step and (done or trained >= next_check):
+            tick = time.perf_counter()
+            tok.eval()
+            parsed = score(decode_all(tok, encode_all(tok, held_out[0], device), device), held_out[1])
+            tok.train()
+            history.append({"step": step, "seconds": trained, "loss": float(loss.detach()), **parsed})
+            print(f"  tokenizer step {step} ({trained:.0f} s): loss {float(loss):.4f}, held-out reconstructions "
+                  f"parse exactly {parsed['exact']:.3f} (colour {parsed['color']:.3f}, shape {parsed['shape']:.3f})",
+                  flush=True)
+            scoring += time.perf_counter() - tick
+            next_check = trained + args.tokenizer_check_seconds
+            if done or parsed["exact"] >= args.tokenizer_stop_at:
+                break
         x = pixels[torch.randint(0, len(pixels), (args.tok_batch,), generator=gen)].to(device)
         out = tok(x)
         loss = F.l1_loss(out.reconstruction, x) + F.mse_loss(out.reconstruction, x) + out.commitment_loss
@@ -205,11 +225,9 @@ def train_tokenizer(pixels: Tensor, args: argparse.Namespace, device: str) -> tu
         loss.backward()
         opt.step()
         step += 1
-        if step % 200 == 0:
-            print(f"  tokenizer step {step}: loss {float(loss):.4f}", flush=True)
     tok.eval()
-    return tok, {"steps": step, "seconds": time.perf_counter() - start, "final_loss": float(loss.detach()),
-                 "params": sum(p.numel() for p in tok.parameters())}
+    return tok, {"steps": step, "seconds": trained, "final_loss": float(loss.detach()),
+                 "params": sum(p.numel() for p in tok.parameters()), "history": history}
 
 
 def encode_all(tok: ImageTokenizer, pixels: Tensor, device: str, batch: int = 512) -> Tensor:
@@ -330,13 +348,14 @@ def grid_png(path: Path, prompts: list[str], columns: dict[str, Tensor], rows: i
     plt.close(fig)
 
 
-def metrics_png(path: Path, table: dict[str, dict[str, float]], sweep: dict[float, float]) -> None:
+def metrics_png(path: Path, table: dict[str, dict[str, float]], sweep: dict[float, float],
+                tokenizer_history: list[dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 3.6))
     names = list(table)
     a.bar(range(len(names)), [table[n]["exact"] for n in names], color="tab:blue")
     a.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
@@ -346,6 +365,14 @@ def metrics_png(path: Path, table: dict[str, dict[str, float]], sweep: dict[floa
     b.set_xlabel("guidance scale")
     b.set_ylabel("exact-scene rate")
     b.set_title("guidance sweep (no rerank)")
+    seconds = [row["seconds"] for row in tokenizer_history]
+    for key in ("exact", "color", "shape", "size"):
+        c.plot(seconds, [row[key] for row in tokenizer_history], marker=".", label=key)
+    c.axhline(0.99, color="gray", linestyle="--", linewidth=0.8)
+    c.set_xlabel("tokenizer training seconds")
+    c.set_ylabel("held-out reconstructions")
+    c.set_title("tokenizer: reconstructions parsed (gate 0.99)")
+    c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -363,7 +390,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tok_channels", type=int, default=64)
     p.add_argument("--tok_res_blocks", type=int, default=1)
     p.add_argument("--tok_batch", type=int, default=128)
-    p.add_argument("--tokenizer_seconds", type=float, default=50.0)
+    p.add_argument("--tokenizer_seconds", type=float, default=240.0, help="most training time for the tokenizer")
+    p.add_argument("--tokenizer_check_seconds", type=float, default=20.0,
+                   help="score the held-out reconstructions after every this many seconds of tokenizer training")
+    p.add_argument("--tokenizer_stop_at", type=float, default=0.995,
+                   help="stop tokenizer training once the held-out reconstructions parse exactly this often")
     p.add_argument("--tokenizer_steps", type=int, default=10 ** 9)
     p.add_argument("--d_model", type=int, default=384)
     p.add_argument("--num_layers", type=int, default=8)
@@ -409,9 +440,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_pixels = torch.stack([image_to_tensor(render_scene(s, SIZE), SIZE) for s in train_scenes])
     eval_pixels = torch.stack([image_to_tensor(render_scene(s, SIZE), SIZE) for s in eval_scenes])
     parser_on_renders = score(eval_pixels, eval_scenes)
+    held_set = DemoImageText(args.num_eval, seed=98, image_size=SIZE, language="en", max_shapes=args.max_shapes)
+    held_scenes = [held_set.scene(i) for i in range(len(held_set))]
+    held_pixels = torch.stack([image_to_tensor(render_scene(s, SIZE), SIZE) for s in held_scenes])
 
     print(f"[{time.perf_counter() - t0:6.1f}s] training the image tokenizer", flush=True)
-    tok, tok_info = train_tokenizer(train_pixels, args, device)
+    tok, tok_info = train_tokenizer(train_pixels, args, device, (held_pixels, held_scenes))
     train_codes = encode_all(tok, train_pixels, device)
     eval_codes = encode_all(tok, eval_pixels, device)
     recon = decode_all(tok, eval_codes, device)
@@ -492,7 +526,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nbest exact-scene rate / reconstruction ceiling = {result['goal_ratio_to_ceiling']} (goal >= 0.8); "
           f"gate {'pass' if gate else 'FAIL'}; wall {result['wall_seconds']:.0f} s")
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
-    metrics_png(out_dir / f"{name}.png", {k: v for k, v in table.items() if "parser check" not in k}, sweep)
+    metrics_png(out_dir / f"{name}.png", {k: v for k, v in table.items() if "parser check" not in k}, sweep,
+                tok_info["history"])
     rows = min(6, len(eval_scenes))
     grid_png(out_dir / f"{name}_grid.png", eval_text, {
         "real": eval_pixels, "reconstruction": recon, f"guidance {best_scale:g}": images[best_scale],
