@@ -12,13 +12,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo worker threads (Linux: read from /proc; elsewhere an empty list)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    return [n for n in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if n.startswith("pt_gloo")]
+
+
 def assert_gloo_threads_joined() -> None:
     """After `m6lit.cli.finish_distributed`: no gloo worker thread is left to meet interpreter finalisation (where
-    it can abort a finished run with SIGABRT). Linux only (reads /proc); a no-op elsewhere."""
-    tasks = Path("/proc/self/task")
-    if tasks.is_dir():
-        left = [n for n in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if n.startswith("pt_gloo")]
-        assert not left, f"gloo threads still running after finish_distributed: {left}"
+    it can abort a finished run with SIGABRT)."""
+    left = gloo_threads()
+    assert not left, f"gloo threads still running after finish_distributed: {left}"
 
 
 def free_port() -> int:

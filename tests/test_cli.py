@@ -276,11 +276,6 @@ def test_print_config_shows_every_injected_default() -> None:
     assert printed["model"]["config"]["patch_centered"] is True and printed["model"]["config"]["qk_norm"] is True
 
 
-def _gloo_threads() -> list[str]:
-    tasks = Path("/proc/self/task")
-    return [n for n in ((t / "comm").read_text().strip() for t in tasks.iterdir()) if n.startswith("pt_gloo")]
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names in /proc")
 def test_the_cli_joins_the_gloo_threads_before_the_interpreter_ends(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -290,7 +285,7 @@ def test_the_cli_joins_the_gloo_threads_before_the_interpreter_ends(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 
-    from _dist import free_port
+    from _dist import free_port, gloo_threads
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -299,11 +294,11 @@ def test_the_cli_joins_the_gloo_threads_before_the_interpreter_ends(
         mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
         (distribute_tensor(torch.ones(4), mesh, [Replicate()]) * 2).full_tensor()
         del mesh
-        assert _gloo_threads()
+        assert gloo_threads()
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(DEMO), "--print_config"])
         assert not dist.is_initialized()
-        assert _gloo_threads() == []
+        assert gloo_threads() == []
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
